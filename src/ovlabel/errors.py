@@ -1,0 +1,36 @@
+"""Typed errors for everything a user can get wrong.
+
+Every error a user can act on derives from :class:`OvlabelError`, and also from the builtin exception
+that describes it best (``ValueError``, ``FileNotFoundError``…), so ``except ValueError`` keeps working.
+Messages say what was wrong and what was expected.
+"""
+
+from __future__ import annotations
+
+
+class OvlabelError(Exception):
+    """Base class of all ovlabel errors."""
+
+
+class InputError(OvlabelError, ValueError):
+    """A tensor, file or argument does not have the shape, type or content that was expected."""
+
+
+class UnsupportedModelError(OvlabelError, ValueError):
+    """The model (or its image tower) is not one ovlabel can explain."""
+
+
+class ConfigError(OvlabelError, ValueError):
+    """A configuration file or override is invalid."""
+
+
+class ModelLoadError(OvlabelError, RuntimeError):
+    """Model weights could not be found, fetched or loaded."""
+
+
+class ImageReadError(OvlabelError, ValueError):
+    """An image file could not be decoded."""
+
+
+class CocoFormatError(OvlabelError, ValueError):
+    """A COCO file is malformed or inconsistent with its ground truth."""

@@ -1,0 +1,236 @@
+"""``compute_maps``: the one entry point of every explainer.
+
+A method is a function registered under a name. It receives the tower description, the prepared images
+and unit text embeddings and the resolved block indices, and returns maps on the token grid
+``[B, K, gh, gw]`` (``K = 1`` for methods that do not depend on the text). ``compute_maps`` validates the
+inputs, upsamples bilinearly to the input resolution and min-max normalises each (image, query) map.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError
+from .ops import Linear
+from .towers import Tower, read_tower
+
+Tensor = torch.Tensor
+Layers = Union[None, str, int, Sequence[int]]  # noqa: UP007 (a runtime alias)
+
+
+@dataclass(frozen=True)
+class ExplainInput:
+    """What a method receives. ``images``/``text`` are already in the tower's device and dtype."""
+
+    model: nn.Module
+    tower: Tower
+    images: Tensor  # [B,3,H,W]
+    text: Tensor  # [K,E], unit rows
+    layers: list[int]  # sorted block indices
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable[..., Tensor]
+    default_layers: Layers
+    summary: str
+    options: tuple[str, ...] = field(default=())
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, *, default_layers: Layers, summary: str) -> Callable:
+    """Register ``fn(inp: ExplainInput, **options) -> Tensor [B,K|1,gh,gw]`` under ``name``."""
+
+    def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        params = list(inspect.signature(fn).parameters.values())[1:]
+        options = tuple(p.name for p in params if p.kind == p.KEYWORD_ONLY)
+        _METHODS[name] = Method(name, fn, default_layers, summary, options)
+        return fn
+
+    return wrap
+
+
+def list_methods() -> list[str]:
+    """Names accepted by ``compute_maps(..., method=NAME)``."""
+    _load_builtin_methods()
+    return sorted(_METHODS)
+
+
+def describe_methods() -> dict[str, str]:
+    _load_builtin_methods()
+    return {name: _METHODS[name].summary for name in sorted(_METHODS)}
+
+
+def get_method(name: str) -> Method:
+    _load_builtin_methods()
+    if name not in _METHODS:
+        raise InputError(f"unknown explainer method {name!r}; available methods: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
+def _load_builtin_methods() -> None:
+    # Importing the modules registers their methods (kept lazy so that towers/ops import alone).
+    from . import methods  # noqa: F401
+
+
+def resolve_layers(layers: Layers, num_blocks: int, default: Layers = -2) -> list[int]:
+    """Block indices from ``None`` (the method's default), ``"all"``, ``-n`` (last n blocks) or a list.
+
+    List entries may be negative (Python-style). The result is sorted and free of duplicates.
+    """
+    if layers is None:
+        layers = default
+    if isinstance(layers, str):
+        if layers == "all":
+            return list(range(num_blocks))
+        if layers == "last":
+            return [num_blocks - 1]
+        raise InputError(f"layers={layers!r} is not understood; expected None, 'all', a negative int -n "
+                         "for the last n blocks, or a list of block indices")
+    if isinstance(layers, bool):
+        raise InputError(f"layers={layers!r} is not understood; expected None, 'all', -n or a list of ints")
+    if isinstance(layers, int):
+        if layers >= 0:
+            raise InputError(f"layers={layers} is ambiguous; pass a negative int -n for the last n blocks "
+                             f"or a list such as [{layers}] for one block")
+        if -layers > num_blocks:
+            raise InputError(f"layers={layers} asks for the last {-layers} blocks but the tower has "
+                             f"{num_blocks}")
+        return list(range(num_blocks + layers, num_blocks))
+    try:
+        items = list(layers)
+    except TypeError:
+        raise InputError(
+            f"layers={layers!r} is not understood; expected None, 'all', -n or a list of ints") from None
+    if not items:
+        raise InputError("layers is an empty list; expected at least one block index")
+    out = set()
+    for i in items:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise InputError(f"layers contains {i!r}; expected integer block indices")
+        if not -num_blocks <= i < num_blocks:
+            raise InputError(f"block index {i} is out of range for a tower with {num_blocks} blocks "
+                             f"(valid: {-num_blocks}..{num_blocks - 1})")
+        out.add(i % num_blocks)
+    return sorted(out)
+
+
+def embed_dim(tower: Tower) -> int:
+    """Width of the tower's image embedding (what text embeddings must match)."""
+    ops = tower.pool.tail if tower.pool is not None else (tower.head or ())
+    for op in reversed(ops):
+        if isinstance(op, Linear):
+            return int(op.weight.shape[0])
+    return int(tower.blocks[-1].width)
+
+
+def prepare_inputs(tower: Tower, images: Any, text_embeddings: Any) -> tuple[Tensor, Tensor]:
+    """Validate and move inputs to the tower's device and dtype; normalise text rows."""
+    if not isinstance(images, Tensor):
+        raise InputError(f"images must be a torch.Tensor of shape [B,3,H,W], got {type(images).__name__}")
+    if images.ndim != 4:
+        raise InputError(f"images must have shape [B,3,H,W], got {tuple(images.shape)} ({images.ndim} dims)")
+    if images.shape[1] != 3:
+        raise InputError(f"images must have 3 channels in dim 1 ([B,3,H,W]), got {images.shape[1]}")
+    if images.shape[0] == 0:
+        raise InputError("images is an empty batch (B=0); expected at least one image")
+    if not images.is_floating_point():
+        raise InputError(f"images must be a floating-point tensor normalised for the model, got {images.dtype}")
+    ph, pw = tower.patch_size
+    H, W = images.shape[-2:]
+    if H < ph or W < pw or H % ph or W % pw:
+        raise InputError(
+            f"image size {H}x{W} is not a positive multiple of the patch size {ph}x{pw}; pad or resize "
+            "the input to a multiple of the patch size (ovlabel.pipeline's preprocessing does this)")
+    if not torch.isfinite(images).all():
+        raise InputError("images contain NaN or infinite values")
+
+    if not isinstance(text_embeddings, Tensor):
+        raise InputError(f"text_embeddings must be a torch.Tensor of shape [K,E], got "
+                         f"{type(text_embeddings).__name__}")
+    if text_embeddings.ndim != 2:
+        raise InputError(f"text_embeddings must have shape [K,E], got {tuple(text_embeddings.shape)}")
+    K, E = text_embeddings.shape
+    if K == 0:
+        raise InputError("text_embeddings is empty (K=0); expected at least one query")
+    expected = embed_dim(tower)
+    if E != expected:
+        raise InputError(f"text_embeddings have width {E} but the model's image embedding has width "
+                         f"{expected}; encode the queries with the same model")
+    if not torch.isfinite(text_embeddings).all():
+        raise InputError("text_embeddings contain NaN or infinite values")
+    norms = text_embeddings.norm(dim=-1)
+    if (norms == 0).any():
+        bad = torch.nonzero(norms == 0).flatten().tolist()
+        raise InputError(f"text_embeddings rows {bad} are all zeros; expected non-zero embeddings")
+
+    images = images.to(device=tower.device, dtype=tower.dtype)
+    text = text_embeddings.to(device=tower.device, dtype=torch.float64 if tower.dtype == torch.float64
+                              else torch.float32)
+    text = (text / text.norm(dim=-1, keepdim=True)).to(tower.dtype)
+    return images, text
+
+
+def finalize_maps(grid_maps: Tensor, patch_size: tuple[int, int], num_queries: int) -> Tensor:
+    """Bilinear ×patch upsampling (``align_corners=False``) and per-map min-max → ``[B,K,H,W]`` in [0,1].
+
+    A constant map (no positive gradient anywhere) becomes all zeros.
+    """
+    maps = grid_maps.float() if grid_maps.dtype not in (torch.float32, torch.float64) else grid_maps
+    B, K, gh, gw = maps.shape
+    up = F.interpolate(maps, size=(gh * patch_size[0], gw * patch_size[1]), mode="bilinear",
+                       align_corners=False)
+    flat = up.flatten(2)
+    lo = flat.min(-1).values[..., None, None]
+    hi = flat.max(-1).values[..., None, None]
+    rng = hi - lo
+    out = torch.where(rng > 0, (up - lo) / torch.where(rng > 0, rng, torch.ones_like(rng)), torch.zeros_like(up))
+    if K == 1 and num_queries > 1:
+        out = out.expand(B, num_queries, *out.shape[-2:])
+    return out.to(torch.float32).contiguous()
+
+
+def compute_maps(
+    model: nn.Module,
+    images: Tensor,
+    text_embeddings: Tensor,
+    *,
+    method: str = "legrad",
+    layers: Layers = None,
+    **options: Any,
+) -> Tensor:
+    """Explainability maps of every text query on every image.
+
+    Args:
+        model: an open_clip model (``open_clip.create_model*``) or its image tower. Read, never modified.
+        images: ``[B,3,H,W]`` normalised for the model; H and W multiples of the patch size, any aspect
+            ratio (positional embeddings are resampled for the forward pass).
+        text_embeddings: ``[K,E]`` text embeddings of the same model (normalised here if they are not).
+        method: one of :func:`list_methods` (``"legrad"`` by default).
+        layers: ``None`` for the method's default (LeGrad: the last two blocks, as in the published
+            wrapper), ``"all"``, ``-n`` for the last n blocks, or a list of block indices.
+        **options: method options, e.g. ``chunk_size`` (queries per chunk; results are identical).
+
+    Returns:
+        ``[B,K,H,W]`` float32 maps in [0,1] at the input resolution, on the model's device.
+    """
+    spec = get_method(method)
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise InputError(f"method {method!r} does not take option(s) {unknown}; it accepts "
+                         f"{list(spec.options) or 'no options'}")
+    tower = read_tower(model)
+    images, text = prepare_inputs(tower, images, text_embeddings)
+    layer_ids = resolve_layers(layers, len(tower.blocks), spec.default_layers)
+    grid = spec.fn(ExplainInput(model, tower, images, text, layer_ids), **options)
+    return finalize_maps(grid, tower.patch_size, text.shape[0])
