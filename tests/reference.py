@@ -176,3 +176,270 @@ def legrad(model, images, text, layers):
         with torch.no_grad():
             x = blk(xin)
     return upsample_minmax(total.reshape(B, K, *grid), patch_size(model))
+
+
+# ------------------------------------------------------------------------------------- attention baselines
+def forward_explicit(model, images, grad_from=None):
+    """All blocks with explicit attention; the graph is kept from block ``grad_from`` on.
+    Returns (final tokens, [A per block], P, grid)."""
+    x, P, grid = tokens_in(model, images)
+    attns = []
+    for i, blk in enumerate(blocks(model)):
+        if grad_from is not None and i == grad_from:
+            x = x.detach().requires_grad_(True)
+        if grad_from is None or i < grad_from:
+            with torch.no_grad():
+                x, A, _ = block_explicit(model, blk, x)
+        else:
+            x, A, _ = block_explicit(model, blk, x)
+        attns.append(A)
+    return x, attns, P, grid
+
+
+def embedding_and_pool_attention(model, tokens):
+    """The model's own image embedding from final tokens (and the pooler's attention, if any)."""
+    if has_pooler(model):
+        return pooler_explicit(model, tokens)
+    v = model.visual
+    pooled, _ = v._pool(tokens)
+    return pooled @ v.proj, None
+
+
+def logits(model, emb, text):
+    s = F.normalize(emb, dim=-1) @ F.normalize(text, dim=-1).T * model.logit_scale.exp()
+    if getattr(model, "logit_bias", None) is not None:
+        s = s + model.logit_bias
+    return s
+
+
+def readout_vector(model, T):
+    """CLS one-hot for 'tok' pooling, uniform over patches for 'avg' pooling."""
+    r = torch.zeros(T, dtype=torch.float64)
+    if model.visual.pool_type == "avg":
+        r[1:] = 1.0 / (T - 1)
+    else:
+        r[0] = 1
+    return r
+
+
+def _finish(rows, model, grid):
+    return upsample_minmax(rows[..., rows.shape[-1] - grid[0] * grid[1]:].reshape(*rows.shape[:2], *grid),
+                           patch_size(model))
+
+
+def pooler_readout(model, row_keys, T):
+    """Place a pooler row over keys on all T tokens."""
+    out = torch.zeros(*row_keys.shape[:-1], T, dtype=row_keys.dtype)
+    out[..., T - row_keys.shape[-1]:] = row_keys
+    return out
+
+
+def raw_attention(model, images):
+    tokens, attns, P, grid = forward_explicit(model, images)
+    if has_pooler(model):
+        _, Ap = embedding_and_pool_attention(model, tokens)
+        return _finish(Ap.detach().mean(1)[:, 0].unsqueeze(1), model, grid)
+    r = readout_vector(model, attns[-1].shape[-1])
+    return _finish((r @ attns[-1].detach().mean(1)).unsqueeze(1), model, grid)
+
+
+def rollout(model, images):
+    tokens, attns, P, grid = forward_explicit(model, images)
+    T = attns[0].shape[-1]
+    R = torch.eye(T, dtype=torch.float64).expand(images.shape[0], T, T)
+    for A in attns:
+        a = A.detach().mean(1) + torch.eye(T, dtype=torch.float64)
+        a = a / a.sum(-1, keepdim=True)
+        R = a @ R
+    if has_pooler(model):
+        _, Ap = embedding_and_pool_attention(model, tokens)
+        r = pooler_readout(model, Ap.detach().mean(1)[:, 0], T)  # [B,T]
+    else:
+        r = readout_vector(model, T).expand(images.shape[0], T)
+    return _finish((r.unsqueeze(1) @ R), model, grid)
+
+
+def gradcam(model, images, text):
+    """Last block (or the pooler): w_h = mean over the readout row of dS/dA_h; relu(mean_h w_h A_h)."""
+    n = len(blocks(model))
+    tokens, attns, P, grid = forward_explicit(model, images, grad_from=n - 1)
+    emb, Ap = embedding_and_pool_attention(model, tokens)
+    s = logits(model, emb, text)
+    B, K = s.shape
+    rows = torch.zeros(B, K, attns[-1].shape[-1] if Ap is None else Ap.shape[-1], dtype=torch.float64)
+    for k in range(K):
+        target = Ap if Ap is not None else attns[-1]
+        (g,) = torch.autograd.grad(s[:, k].sum(), target, retain_graph=True)
+        for b in range(B):
+            if Ap is not None:
+                w = g[b, :, 0].mean(-1)  # [H]
+                a = Ap[b, :, 0].detach()
+            else:
+                r = readout_vector(model, g.shape[-1])
+                w = (r @ g[b]).mean(-1)
+                a = r @ attns[-1][b].detach()
+            rows[b, k] = (w[:, None] * a).mean(0).clamp(min=0)
+    return _finish(rows, model, grid)
+
+
+def chefercam(model, images, text, layers):
+    """R = I; R <- R + mean_h relu(grad A * A) R over the selected blocks; readout row."""
+    tokens, attns, P, grid = forward_explicit(model, images, grad_from=min(layers))
+    emb, Ap = embedding_and_pool_attention(model, tokens)
+    s = logits(model, emb, text)
+    B, K = s.shape
+    T = attns[0].shape[-1]
+    rows = torch.zeros(B, K, T, dtype=torch.float64)
+    for k in range(K):
+        for b in range(B):
+            targets = [attns[i] for i in layers] + ([Ap] if Ap is not None else [])
+            grads = torch.autograd.grad(s[b, k], targets, retain_graph=True)
+            R = torch.eye(T, dtype=torch.float64)
+            for i, g in zip(layers, grads):
+                a_bar = (g[b] * attns[i][b].detach()).clamp(min=0).mean(0)
+                R = R + a_bar @ R
+            if Ap is not None:
+                r = pooler_readout(model, (grads[-1][b] * Ap[b].detach()).clamp(min=0).mean(0)[0], T)
+            else:
+                r = readout_vector(model, T)
+            rows[b, k] = r @ R
+    return _finish(rows, model, grid)
+
+
+# ------------------------------------------------------------------------------ Chefer 2021 LRP (Chefer-style)
+def safe_divide(a, b):
+    den = b.clamp(min=1e-9) + b.clamp(max=1e-9)
+    den = den + den.eq(0).type(den.type()) * 1e-9
+    return a / den * b.ne(0).type(b.type())
+
+
+def _gradprop(Z, X, S):
+    return torch.autograd.grad(Z, X, S, retain_graph=True)
+
+
+def relprop_linear(R, x, w):
+    """alpha=1, beta=0 as in Chefer's layers_ours.Linear.relprop (bias ignored)."""
+    pw, nw = w.clamp(min=0), w.clamp(max=0)
+    px = x.clamp(min=0).detach().requires_grad_(True)
+    nx = x.clamp(max=0).detach().requires_grad_(True)
+    with torch.enable_grad():
+        Z1, Z2 = F.linear(px, pw), F.linear(nx, nw)
+        S = safe_divide(R, Z1 + Z2)
+        return (px * _gradprop(Z1, px, S)[0] + nx * _gradprop(Z2, nx, S)[0]).detach()
+
+
+def relprop_add(R, x0, x1):
+    """Chefer's Add.relprop: z-rule, then each branch rescaled to its share of the total."""
+    x0 = x0.detach().requires_grad_(True)
+    x1 = x1.detach().requires_grad_(True)
+    with torch.enable_grad():
+        Z = x0 + x1
+        S = safe_divide(R, Z)
+        C = _gradprop(Z, [x0, x1], S)
+    a, b = (x0 * C[0]).detach(), (x1 * C[1]).detach()
+    a_sum, b_sum = a.sum(), b.sum()
+    a_fact = safe_divide(a_sum.abs(), a_sum.abs() + b_sum.abs()) * R.sum()
+    b_fact = safe_divide(b_sum.abs(), a_sum.abs() + b_sum.abs()) * R.sum()
+    return a * safe_divide(a_fact, a.sum()), b * safe_divide(b_fact, b.sum())
+
+
+def relprop_matmul(R, X, Y):
+    """Chefer's einsum relprop (RelPropSimple on two operands), each share halved."""
+    X = X.detach().requires_grad_(True)
+    Y = Y.detach().requires_grad_(True)
+    with torch.enable_grad():
+        Z = X @ Y
+        S = safe_divide(R, Z)
+        C = _gradprop(Z, [X, Y], S)
+    return (X * C[0]).detach() / 2, (Y * C[1]).detach() / 2
+
+
+def _merge(t):
+    """[1,H,T,d] -> [1,T,H*d]"""
+    return t.transpose(1, 2).reshape(1, t.shape[2], -1)
+
+
+def chefer_lrp(model, images, text, layers):
+    """Chefer 2021 for an open_clip CLS ViT, one image and one query at a time."""
+    v = model.visual
+    outs = []
+    for b in range(images.shape[0]):
+        img = images[b : b + 1]
+        x, P, grid = tokens_in(model, img)
+        x = x.detach()
+        states = []
+        for i, blk in enumerate(blocks(model)):
+            if i == min(layers):
+                x = x.detach().requires_grad_(True)
+            st = {"x": x}
+            mha = blk.attn
+            u1 = blk.ln_1(x)
+            H = mha.num_heads
+            qkv = F.linear(u1, mha.in_proj_weight, mha.in_proj_bias)
+            q, k, vv = (t.reshape(1, -1, H, mha.head_dim).transpose(1, 2) for t in qkv.chunk(3, -1))
+            A = torch.softmax((q @ k.transpose(-1, -2)) / mha.head_dim ** 0.5, dim=-1)
+            ctx = A @ vv
+            ctxm = ctx.transpose(1, 2).reshape(1, -1, H * mha.head_dim)
+            o = mha.out_proj(ctxm)
+            xm = x + blk.ls_1(o)
+            u2 = blk.ln_2(xm)
+            a = blk.mlp.c_fc(u2)
+            h = blk.mlp.gelu(a)
+            m = blk.mlp.c_proj(h)
+            z = xm + blk.ls_2(m)
+            st.update(u1=u1, q=q, k=k, v=vv, A=A, ctxm=ctxm, o=blk.ls_1(o), xm=xm, u2=u2, h=h, m=blk.ls_2(m))
+            states.append(st)
+            x = z
+        tokens = x
+        pooled, _ = v._pool(tokens)
+        emb = pooled @ v.proj
+        scores = logits(model, emb, text)[0]
+        T = tokens.shape[1]
+        rows = []
+        for kk in range(text.shape[0]):
+            grads = torch.autograd.grad(scores[kk], [states[i]["A"] for i in layers], retain_graph=True)
+            e = F.normalize(emb, dim=-1).detach()
+            w = (model.logit_scale.exp() * F.normalize(text[kk], dim=-1)).detach()[None]
+            R = relprop_linear(torch.ones(1, 1, dtype=torch.float64), e, w)  # score; L2 norm: identity
+            if v.final_ln_after_pool:  # pool -> ln_post -> proj
+                pooled_raw = tokens[:, 1:].mean(1) if v.pool_type == "avg" else tokens[:, 0]
+                R = relprop_linear(R, v.ln_post(pooled_raw).detach(), v.proj.T.detach())
+                if v.pool_type == "avg":
+                    wt = torch.zeros(1, T, dtype=torch.float64)
+                    wt[0, 1:] = 1.0 / (T - 1)
+                    Rt = relprop_linear(R[0][:, None], tokens[0].T.detach(), wt)  # [D,T]
+                    R = Rt.T[None]
+                else:
+                    Rt = torch.zeros(1, T, R.shape[-1], dtype=torch.float64)
+                    Rt[:, 0] = R
+                    R = Rt
+            else:  # ln_post -> pool (tok) -> proj
+                R = relprop_linear(R, v.ln_post(tokens)[:, 0].detach(), v.proj.T.detach())
+                Rt = torch.zeros(1, T, R.shape[-1], dtype=torch.float64)
+                Rt[:, 0] = R
+                R = Rt
+            r_attn = {}
+            for i in range(len(states) - 1, min(layers) - 1, -1):
+                st, blk = states[i], blocks(model)[i]
+                r_res, r_mlp = relprop_add(R, st["xm"], st["m"])
+                r_h = relprop_linear(r_mlp, st["h"], blk.mlp.c_proj.weight)
+                r_u2 = relprop_linear(r_h, st["u2"], blk.mlp.c_fc.weight)
+                r_mid = r_res + r_u2
+                r_x, r_o = relprop_add(r_mid, st["x"], st["o"])
+                r_ctx = relprop_linear(r_o, st["ctxm"], blk.attn.out_proj.weight)
+                H = blk.attn.num_heads
+                r_ctx = r_ctx.reshape(1, T, H, -1).transpose(1, 2)
+                r_A, r_v = relprop_matmul(r_ctx, st["A"], st["v"])
+                r_attn[i] = r_A
+                r_q, r_kt = relprop_matmul(r_A, st["q"], st["k"].transpose(-1, -2))
+                r_qkv = torch.cat([_merge(r_q), _merge(r_kt.transpose(-1, -2)), _merge(r_v)], -1)
+                r_u1 = relprop_linear(r_qkv, st["u1"], blk.attn.in_proj_weight)
+                R = r_x + r_u1
+            C = torch.eye(T, dtype=torch.float64)
+            for i, g in zip(layers, grads):
+                a_bar = torch.eye(T, dtype=torch.float64) + (g[0] * r_attn[i][0]).clamp(min=0).mean(0)
+                C = a_bar @ C
+            rows.append(readout_vector(model, T) @ C)
+        outs.append(torch.stack(rows))
+    rows = torch.stack(outs)
+    return _finish(rows, model, grid)

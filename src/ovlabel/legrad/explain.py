@@ -37,6 +37,13 @@ class ExplainInput:
 
 
 @dataclass(frozen=True)
+class FinalMaps:
+    """Returned by a method that already produced ``[B,K,H,W]`` maps in [0,1] at input resolution."""
+
+    maps: Tensor
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     fn: Callable[..., Tensor]
@@ -232,5 +239,7 @@ def compute_maps(
     tower = read_tower(model)
     images, text = prepare_inputs(tower, images, text_embeddings)
     layer_ids = resolve_layers(layers, len(tower.blocks), spec.default_layers)
-    grid = spec.fn(ExplainInput(model, tower, images, text, layer_ids), **options)
-    return finalize_maps(grid, tower.patch_size, text.shape[0])
+    out = spec.fn(ExplainInput(model, tower, images, text, layer_ids), **options)
+    if isinstance(out, FinalMaps):
+        return out.maps
+    return finalize_maps(out, tower.patch_size, text.shape[0])

@@ -1,24 +1,108 @@
-"""The built-in explainers, registered by name for :func:`ovlabel.legrad.compute_maps`."""
+"""The built-in explainers, registered by name for :func:`ovlabel.legrad.compute_maps`.
+
+Each docstring states what the method costs per query; all of them run one forward pass per image batch.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from .explain import ExplainInput, register_method
+from ..errors import InputError
+from . import baselines, lrp
+from .explain import ExplainInput, FinalMaps, finalize_maps, register_method
 from .legrad import legrad_grid_maps
 
 Tensor = torch.Tensor
+
+EMPTY_PROMPT_THRESHOLD = 0.8
 
 
 @register_method(
     "legrad",
     default_layers=-2,
-    summary="LeGrad: ReLU'd gradient of the per-layer image-text cosine w.r.t. attention, summed over "
-    "layers (default: last 2 blocks). One forward pass; per query ≈0.07× a forward (last 2) or ≈0.43× "
-    "(all layers) for ViT-B-16.",
+    summary="LeGrad (default): gradient of each block's image-text cosine w.r.t. its attention, ReLU, "
+    "summed over blocks (default last 2). Per query ≈0.07x a forward (last 2), ≈0.45x (all), ViT-B-16.",
 )
-def legrad(inp: ExplainInput, *, chunk_size: int | None = None, batched: bool | None = None) -> Tensor:
+def legrad(inp: ExplainInput, *, chunk_size: int | None = None, batched: bool | None = None,
+           empty_prompt: Tensor | None = None) -> Tensor | FinalMaps:
     """LeGrad. One forward pass per image batch serves all queries; per query and selected block the
-    cost is the closed-form backward of the rest of that block (see :mod:`ovlabel.legrad.legrad`)."""
-    return legrad_grid_maps(inp.tower, inp.images, inp.text, inp.layers, chunk_size=chunk_size,
-                            batched=batched)
+    cost is the closed-form backward of the rest of that block (see :mod:`ovlabel.legrad.legrad`).
+
+    ``empty_prompt``: embedding ``[E]`` of the text "a photo of a" (the published SigLIP correction):
+    its map is computed alongside, min-max normalised, and every query map is zeroed where it exceeds
+    0.8 — suppressing what the model attends to for any prompt. Costs one extra query.
+    """
+    text = inp.text
+    if empty_prompt is not None:
+        if not isinstance(empty_prompt, Tensor) or empty_prompt.shape != (text.shape[1],):
+            raise InputError(f"empty_prompt must be a tensor of shape [{text.shape[1]}] (one text embedding), "
+                             f"got {getattr(empty_prompt, 'shape', type(empty_prompt).__name__)}")
+        e = empty_prompt.to(device=text.device, dtype=text.dtype)
+        text = torch.cat([text, (e / e.norm()).unsqueeze(0)])
+    grid = legrad_grid_maps(inp.tower, inp.images, text, inp.layers, chunk_size=chunk_size, batched=batched)
+    if empty_prompt is None:
+        return grid
+    maps = finalize_maps(grid, inp.tower.patch_size, text.shape[0])
+    maps, empty = maps[:, :-1], maps[:, -1:]
+    return FinalMaps(torch.where(empty > EMPTY_PROMPT_THRESHOLD, torch.zeros_like(maps), maps).contiguous())
+
+
+@register_method(
+    "raw_attention",
+    default_layers="last",
+    summary="Raw attention of the last block, CLS row, mean over heads (text-independent). No cost per query.",
+)
+def raw_attention(inp: ExplainInput) -> Tensor:
+    """Mean over heads of the readout row (CLS; the pooler's query for SigLIP/CoCa) of the selected
+    blocks' attention (default: last block). The same map for every query: no cost per query."""
+    return baselines.raw_attention(inp.tower, inp.images, inp.layers)
+
+
+@register_method(
+    "rollout",
+    default_layers="all",
+    summary="Attention rollout (Abnar & Zuidema) over all blocks (text-independent). No cost per query.",
+)
+def rollout(inp: ExplainInput) -> Tensor:
+    """Attention rollout: ``rownorm(mean_h A + I)`` multiplied over the selected blocks (default: all),
+    readout row. The same map for every query: no cost per query; O(T²) per block."""
+    return baselines.rollout(inp.tower, inp.images, inp.layers)
+
+
+@register_method(
+    "gradcam",
+    default_layers="last",
+    summary="Grad-CAM on the last block's attention (per-head weights = score gradient averaged over the "
+    "CLS row). One backward through the shared graph per query chunk.",
+)
+def gradcam(inp: ExplainInput, *, chunk_size: int | None = None) -> Tensor:
+    """Grad-CAM for ViTs, the attention variant of Chefer et al.'s baselines: score =
+    ``logit_scale·cos``; per head ``w_h`` = mean over the readout row of ``∂score/∂A_h``; map =
+    ``max(mean_h w_h·A_h, 0)`` on the readout row (pooler towers: on the pooler's attention). Cost per
+    query: a backward from the score to the selected block, batched over query chunks."""
+    return baselines.gradcam(inp.model, inp.tower, inp.images, inp.text, inp.layers, chunk_size)
+
+
+@register_method(
+    "chefercam",
+    default_layers="last",
+    summary="CheferCAM / GAE (Chefer et al. ICCV 2021, the CLIP rule): R <- R + mean_h relu(grad*A) R over "
+    "the selected blocks (default last). One backward through the shared graph per query chunk.",
+)
+def chefercam(inp: ExplainInput, *, chunk_size: int | None = None) -> Tensor:
+    """CheferCAM / GAE as used for CLIP (see :func:`ovlabel.legrad.baselines.chefercam`). Cost per query:
+    a backward from the score to the first selected block, batched over query chunks, plus O(T²) per
+    block for the readout row."""
+    return baselines.chefercam(inp.model, inp.tower, inp.images, inp.text, inp.layers, chunk_size)
+
+
+@register_method(
+    "chefer_lrp",
+    default_layers="all",
+    summary="Chefer, Gur, Wolf CVPR 2021: LRP relevance (alpha=1, beta=0) times gradients at every block's "
+    "attention, multiplied over blocks. Per query: a backward plus an LRP pass (~3x a forward).",
+)
+def chefer_lrp(inp: ExplainInput, *, chunk_size: int | None = None) -> Tensor:
+    """Chefer 2021 relevance propagation (rules in :mod:`ovlabel.legrad.lrp`). CLS-token open_clip ViTs
+    only. Cost per query: a backward for ``∇A`` and an LRP pass through all blocks (≈3× a forward)."""
+    return lrp.chefer_lrp(inp.model, inp.tower, inp.images, inp.text, inp.layers, chunk_size)

@@ -1,0 +1,201 @@
+"""Attention-based baselines: raw attention, rollout, Grad-CAM for ViTs and CheferCAM (GAE).
+
+Definitions: ``../shared/design/methods.md`` ("Baselines"). Every method reads the image through a
+*readout row*: the CLS token's attention row for CLS towers; for towers whose embedding comes from an
+attention pooler (SigLIP, CoCa), the pooler's attention of its first latent query — the token that plays
+the CLS role there. Products of per-block matrices are applied to the readout row from the last block to
+the first (``v ← v·M_l``), which equals reading the row of the full product at ``O(T²)`` per block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .ops import MeanTokens, SelectToken, run_forward
+from .towers import Tower, block_forward
+
+Tensor = torch.Tensor
+
+
+def image_text_scores(model, embedding: Tensor, text: Tensor) -> Tensor:
+    """The model's image–text logits ``[B,K]``: ``exp(logit_scale)·cos (+ logit_bias)``."""
+    e = F.normalize(embedding, dim=-1)
+    s = e @ text.T
+    scale = getattr(model, "logit_scale", None)
+    if isinstance(scale, Tensor):
+        s = s * scale.detach().to(s.dtype).exp()
+    bias = getattr(model, "logit_bias", None)
+    if isinstance(bias, Tensor):
+        s = s + bias.detach().to(s.dtype)
+    return s
+
+
+@dataclass
+class AttentionRecord:
+    """Attention maps of the selected blocks (and of the pooler), from one forward pass."""
+
+    attn: dict[int, Tensor]  # block index → [B,H,T,T]
+    pool_attn: Tensor | None  # [B,H,Q,Tk] when the tower has an attention pooler
+    embedding: Tensor | None  # [B,E] (only when the forward went to the end)
+    grid: tuple[int, int]
+
+
+def record_attention(tower: Tower, images: Tensor, layers: list[int], *, to_end: bool,
+                     grad: bool = False) -> AttentionRecord:
+    """One forward pass keeping the attention of ``layers``. With ``grad``, the graph is recorded from
+    the first selected block on, so scores can be differentiated w.r.t. every kept attention map."""
+    first = min(layers)
+    stop = len(tower.blocks) if to_end else max(layers) + 1
+    with torch.no_grad():
+        x, grid = tower.embed(images)
+        for blk in tower.blocks[:first]:
+            x = block_forward(blk, x)[0]
+    attn: dict[int, Tensor] = {}
+    with torch.set_grad_enabled(grad):
+        if grad:
+            x = x.detach().requires_grad_(True)
+        for i in range(first, stop):
+            x, cache = block_forward(tower.blocks[i], x, keep_attn=i in layers)
+            if i in layers:
+                attn[i] = cache.attn
+        pool_attn = embedding = None
+        if to_end:
+            if tower.pool is not None:
+                embedding, _, _, pool_attn = tower.pool.forward(x)
+            else:
+                embedding = run_forward(tower.head, x)[0]
+    return AttentionRecord(attn, pool_attn, embedding, grid)
+
+
+def score_gradients(model, tower: Tower, rec: AttentionRecord, text: Tensor, layers: list[int],
+                    chunk_size: int | None):
+    """Yield ``(query slice, {block: ∂s/∂A [k,B,H,T,T]}, ∂s/∂A_pool [k,B,H,Q,Tk] | None)`` per chunk.
+
+    One backward through the shared graph per query chunk (``is_grads_batched``), not one forward per
+    query.
+    """
+    scores = image_text_scores(model, rec.embedding, text)  # [B,K]
+    B, K = scores.shape
+    targets = [rec.attn[i] for i in layers] + ([rec.pool_attn] if rec.pool_attn is not None else [])
+    per_query = sum(t.numel() for t in targets)
+    budget = 2**23 if scores.device.type == "cpu" else 2**26
+    kc = chunk_size or max(1, budget // max(1, per_query))
+    for k0 in range(0, K, kc):
+        k1 = min(K, k0 + kc)
+        go = scores.new_zeros(k1 - k0, B, K)
+        go[torch.arange(k1 - k0), :, torch.arange(k0, k1)] = 1
+        grads = torch.autograd.grad(scores, targets, grad_outputs=go, is_grads_batched=True,
+                                    retain_graph=k1 < K)
+        by_layer = {i: g.detach() for i, g in zip(layers, grads)}
+        pool_grad = grads[-1].detach() if rec.pool_attn is not None else None
+        yield slice(k0, k1), by_layer, pool_grad
+
+
+def readout_row(tower: Tower, batch: int, tokens: int) -> Tensor:
+    """How a CLS tower's head reads its tokens, as a ``[B,T]`` weight row: one-hot at the CLS token for
+    CLS pooling (the ``[CLS, P:]`` row of methods.md), uniform over the averaged tokens for average
+    pooling."""
+    v = torch.zeros(batch, tokens, dtype=tower.dtype, device=tower.device)
+    pooling = next(op for op in tower.head if isinstance(op, (SelectToken, MeanTokens)))
+    if isinstance(pooling, SelectToken):
+        v[:, pooling.index] = 1
+    else:
+        v[:, pooling.start :] = 1.0 / (tokens - pooling.start)
+    return v
+
+
+def readout(tower: Tower, rec: AttentionRecord, pool_row: Tensor | None = None) -> Tensor:
+    """Initial readout vector over all ``T`` tokens: :func:`readout_row` for CLS towers; for an
+    attention pooler its row ``pool_row`` (``[..., B, Tk]``) placed on the tokens it attends to."""
+    T = tower.num_prefix + rec.grid[0] * rec.grid[1]
+    if tower.pool is None:
+        return readout_row(tower, next(iter(rec.attn.values())).shape[0], T)
+    assert pool_row is not None
+    out = pool_row.new_zeros(*pool_row.shape[:-1], T)
+    out[..., tower.pool.key_start :] = pool_row
+    return out
+
+
+def patches(tower: Tower, row: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Patch columns of a readout row ``[..., T]`` → ``[..., gh, gw]``."""
+    n = grid[0] * grid[1]
+    return row[..., row.shape[-1] - n :].reshape(*row.shape[:-1], *grid)
+
+
+def raw_attention(tower: Tower, images: Tensor, layers: list[int]) -> Tensor:
+    """Mean over heads of the readout row of the attention, averaged over the selected blocks
+    (default: the last block). Pooler towers use the pooler's attention on the final tokens."""
+    if tower.pool is not None:
+        rec = record_attention(tower, images, [len(tower.blocks) - 1], to_end=True)
+        row = rec.pool_attn.mean(1)[:, 0]  # [B,Tk]
+        return patches(tower, row, rec.grid).unsqueeze(1)
+    rec = record_attention(tower, images, layers, to_end=False)
+    r = readout(tower, rec).unsqueeze(-2)  # [B,1,T]
+    row = torch.stack([(r @ rec.attn[i].mean(1)).squeeze(-2) for i in layers]).mean(0)
+    return patches(tower, row, rec.grid).unsqueeze(1)
+
+
+def rollout(tower: Tower, images: Tensor, layers: list[int]) -> Tensor:
+    """Attention rollout (Abnar & Zuidema): ``Â = rownorm(mean_h A + I)``, product over the selected
+    blocks, readout row (CLS, or the pooler row of the final tokens)."""
+    rec = record_attention(tower, images, layers, to_end=tower.pool is not None)
+    v = readout(tower, rec, None if rec.pool_attn is None else rec.pool_attn.mean(1)[:, 0])
+    for i in sorted(layers, reverse=True):
+        a = rec.attn[i].mean(1)
+        a = a + torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        a = a / a.sum(-1, keepdim=True)
+        v = (v.unsqueeze(-2) @ a).squeeze(-2)
+    return patches(tower, v, rec.grid).unsqueeze(1)
+
+
+def gradcam(model, tower: Tower, images: Tensor, text: Tensor, layers: list[int],
+            chunk_size: int | None) -> Tensor:
+    """Grad-CAM on attention: per head, the weight is the score's gradient w.r.t. the attention averaged
+    over the readout row; map = ``max(mean_h(w_h·A_h), 0)`` on the readout row; selected blocks summed."""
+    pooled = tower.pool is not None
+    use = [] if pooled else layers
+    rec = record_attention(tower, images, use or [len(tower.blocks) - 1], to_end=True, grad=True)
+    K = text.shape[0]
+    out = None
+    for sl, grads, pool_grad in score_gradients(model, tower, rec, text, use, chunk_size):
+        if pooled:
+            w = pool_grad[:, :, :, 0].mean(-1, keepdim=True)  # [k,B,H,1]
+            row = (w * rec.pool_attn[:, :, 0].detach()).mean(2).clamp(min=0)
+        else:
+            r = readout(tower, rec)[:, None, None, :]  # [B,1,1,T]
+            row = 0
+            for i in layers:
+                a = (r @ rec.attn[i].detach()).squeeze(-2)  # [B,H,T]: readout row of each head
+                w = (r @ grads[i]).squeeze(-2).mean(-1, keepdim=True)  # [k,B,H,1]
+                row = row + (w * a).mean(2).clamp(min=0)
+        maps = patches(tower, row, rec.grid).transpose(0, 1)  # [B,k,gh,gw]
+        out = maps.new_zeros(maps.shape[0], K, *rec.grid) if out is None else out
+        out[:, sl] = maps
+    return out
+
+
+def chefercam(model, tower: Tower, images: Tensor, text: Tensor, layers: list[int],
+              chunk_size: int | None) -> Tensor:
+    """CheferCAM / GAE (Chefer et al., ICCV 2021), the rule of their CLIP notebook: score =
+    ``logit_scale·cos``; ``R = I``; per selected block ``R ← R + Ā R`` with ``Ā = mean_h max(∇A ⊙ A, 0)``;
+    map = readout row of ``R``. Pooler towers start from ``mean_h max(∇A_pool ⊙ A_pool, 0)``."""
+    rec = record_attention(tower, images, layers, to_end=True, grad=True)
+    K = text.shape[0]
+    out = None
+    for sl, grads, pool_grad in score_gradients(model, tower, rec, text, layers, chunk_size):
+        pool_row = None
+        if pool_grad is not None:
+            pool_row = (pool_grad * rec.pool_attn.detach()).clamp(min=0).mean(2)[:, :, 0]  # [k,B,Tk]
+        v = readout(tower, rec, pool_row)
+        if pool_row is None:
+            v = v.expand(sl.stop - sl.start, *v.shape)
+        for i in sorted(layers, reverse=True):
+            a_bar = (grads[i] * rec.attn[i].detach()).clamp(min=0).mean(2)  # [k,B,T,T]
+            v = v + (v.unsqueeze(-2) @ a_bar).squeeze(-2)
+        maps = patches(tower, v, rec.grid).transpose(0, 1)
+        out = maps.new_zeros(maps.shape[0], K, *rec.grid) if out is None else out
+        out[:, sl] = maps
+    return out
