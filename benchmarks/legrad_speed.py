@@ -16,36 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
-import subprocess
-import sys
-import time
-import warnings
 
-
-def _build(model_name: str, size: int):
-    import logging
-
-    import open_clip
-    import torch
-
-    logging.getLogger().setLevel(logging.ERROR)
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = open_clip.create_model(model_name, pretrained=None, force_image_size=size)
-    return model.eval()
-
-
-def _timeit(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from common import build_model, peak_rss_mb, run_isolated, timeit
 
 
 def naive_legrad(model, images, text, layers, batch: int = 1):
@@ -83,22 +55,21 @@ def worker(spec: dict) -> dict:
     from ovlabel import compute_maps
 
     torch.set_grad_enabled(False)
-    model = _build(spec["model"], spec["size"])
+    model = build_model(spec["model"], spec["size"])
     images = torch.randn(1, 3, spec["size"], spec["size"])
     embed = model.encode_image(images).shape[-1]
     text = torch.randn(spec["k"], embed)
-    forward = _timeit(lambda: model.encode_image(images), spec["repeats"] + 1)
+    forward = timeit(lambda: model.encode_image(images), spec["repeats"] + 1)
     n = len(model.visual.transformer.resblocks)
     if spec["what"] == "forward":
         t = forward
     elif spec["what"] == "naive":
         layers = list(range(n - 2, n)) if spec["layers"] == "last2" else list(range(n))
-        t = _timeit(lambda: naive_legrad(model, images, text, layers, spec["naive_batch"]), 1)
+        t = timeit(lambda: naive_legrad(model, images, text, layers, spec["naive_batch"]), 1)
     else:
         layers = -2 if spec["layers"] == "last2" else "all"
-        t = _timeit(lambda: compute_maps(model, images, text, layers=layers), spec["repeats"])
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return dict(spec, seconds=t, forward_seconds=forward, ratio=t / forward, peak_rss_mb=peak_mb,
+        t = timeit(lambda: compute_maps(model, images, text, layers=layers), spec["repeats"])
+    return dict(spec, seconds=t, forward_seconds=forward, ratio=t / forward, peak_rss_mb=peak_rss_mb(),
                 threads=torch.get_num_threads())
 
 
@@ -128,9 +99,7 @@ def main(argv=None) -> None:
           "in the same process", flush=True)
     print(f"{'method':<10}{'layers':<8}{'K':>4}{'seconds':>10}{'x forward':>11}{'peak RSS MB':>13}", flush=True)
     for spec in specs:
-        res = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                             text=True, check=True)
-        row = json.loads(res.stdout.strip().splitlines()[-1])
+        row = run_isolated(__file__, spec)
         rows.append(row)
         print(f"{row['what']:<10}{row['layers']:<8}{row['k']:>4}{row['seconds']:>10.3f}{row['ratio']:>11.2f}"
               f"{row['peak_rss_mb']:>13.0f}", flush=True)

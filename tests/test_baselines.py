@@ -163,3 +163,17 @@ def test_empty_prompt_correction():
                           plain.masked_select(~suppressed.expand_as(plain)), atol=1e-12)
     with pytest.raises(InputError, match="empty_prompt must be a tensor of shape"):
         compute_maps(model, images, text, empty_prompt=torch.randn(2, text.shape[1]))
+
+
+@pytest.mark.parametrize("method", ["legrad", "raw_attention", "rollout", "gradcam", "chefercam", "chefer_lrp"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_works_under_no_grad_and_inference_mode(method, mode):
+    model = make_model("ovl-test-vit")
+    images, text = _inputs(model)
+    expected = compute_maps(model, images, text, method=method)
+    ctx = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with ctx:
+        if mode == "inference_mode":
+            images, text = images.clone(), text.clone()
+        got = compute_maps(model, images, text, method=method)
+    assert torch.allclose(got, expected, atol=1e-6)

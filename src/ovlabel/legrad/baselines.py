@@ -77,7 +77,8 @@ def score_gradients(model, tower: Tower, rec: AttentionRecord, text: Tensor, lay
     One backward through the shared graph per query chunk (``is_grads_batched``), not one forward per
     query.
     """
-    scores = image_text_scores(model, rec.embedding, text)  # [B,K]
+    with torch.enable_grad():
+        scores = image_text_scores(model, rec.embedding, text)  # [B,K]
     B, K = scores.shape
     targets = [rec.attn[i] for i in layers] + ([rec.pool_attn] if rec.pool_attn is not None else [])
     per_query = sum(t.numel() for t in targets)

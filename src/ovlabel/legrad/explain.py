@@ -236,10 +236,17 @@ def compute_maps(
     if unknown:
         raise InputError(f"method {method!r} does not take option(s) {unknown}; it accepts "
                          f"{list(spec.options) or 'no options'}")
-    tower = read_tower(model)
-    images, text = prepare_inputs(tower, images, text_embeddings)
-    layer_ids = resolve_layers(layers, len(tower.blocks), spec.default_layers)
-    out = spec.fn(ExplainInput(model, tower, images, text, layer_ids), **options)
-    if isinstance(out, FinalMaps):
-        return out.maps
-    return finalize_maps(out, tower.patch_size, text.shape[0])
+    # Gradient-based methods build a graph of their own, whatever the caller's grad mode is
+    # (no_grad or inference_mode); LeGrad runs without autograd.
+    with torch.inference_mode(False):
+        if isinstance(images, Tensor) and images.is_inference():
+            images = images.clone()
+        if isinstance(text_embeddings, Tensor) and text_embeddings.is_inference():
+            text_embeddings = text_embeddings.clone()
+        tower = read_tower(model)
+        images, text = prepare_inputs(tower, images, text_embeddings)
+        layer_ids = resolve_layers(layers, len(tower.blocks), spec.default_layers)
+        out = spec.fn(ExplainInput(model, tower, images, text, layer_ids), **options)
+        if isinstance(out, FinalMaps):
+            return out.maps
+        return finalize_maps(out, tower.patch_size, text.shape[0])

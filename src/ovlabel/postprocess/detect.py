@@ -1,0 +1,137 @@
+"""``Postprocessor``: the heatmaps of one image → scored instance masks and boxes (``Detections``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from ..errors import InputError
+from .detections import Detections
+from .masks import ThresholdSpec, heat_to_instances
+from .scoring import combine, mask_evidence
+
+NMS_KINDS = (None, "mask", "box")
+
+
+def minmax(heat: np.ndarray) -> np.ndarray:
+    """Per-map min-max to [0,1]; a constant map becomes zeros."""
+    lo, hi = float(heat.min()), float(heat.max())
+    if hi <= lo:
+        return np.zeros_like(heat, dtype=np.float32)
+    return ((heat - lo) / (hi - lo)).astype(np.float32)
+
+
+def nms(dets: Detections, iou_threshold: float, kind: str = "mask") -> Detections:
+    """Greedy cross-class non-maximum suppression on mask or box IoU (pycocotools)."""
+    if len(dets) < 2:
+        return dets
+    dets = dets.sorted()
+    if kind == "mask":
+        objs = dets.rles()
+    elif kind == "box":
+        objs = dets.boxes.tolist()
+    else:
+        raise InputError(f"nms must be 'mask' or 'box', got {kind!r}")
+    iou = mask_utils.iou(objs, objs, [0] * len(dets))
+    keep: list[int] = []
+    for i in range(len(dets)):
+        if all(iou[i, j] <= iou_threshold for j in keep):
+            keep.append(i)
+    return dets.select(keep)
+
+
+@dataclass(frozen=True)
+class Postprocessor:
+    """Thresholds, morphology, instances and scores, with explicit arguments (see ``from_config``).
+
+    ``min_area`` is in pixels of the heatmap (the original image); ``min_area_fraction`` is relative to
+    the image area; the larger applies. ``class_thresholds`` overrides ``threshold`` per label.
+    """
+
+    threshold: ThresholdSpec = ThresholdSpec("mean")
+    class_thresholds: Mapping[str, ThresholdSpec] = field(default_factory=dict)
+    instances: str = "components"
+    min_area: int = 16
+    min_area_fraction: float = 0.0
+    opening: int = 0
+    closing: int = 0
+    fill_holes: bool = True
+    presence_threshold: float = 0.0
+    score_threshold: float = 0.0
+    max_detections: int = 100
+    nms: str | None = None
+    nms_iou: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.nms not in NMS_KINDS:
+            raise InputError(f"nms must be one of {NMS_KINDS}, got {self.nms!r}")
+        if self.max_detections < 0:
+            raise InputError(f"max_detections must be >= 0, got {self.max_detections}")
+
+    @classmethod
+    def from_config(cls, cfg) -> Postprocessor:
+        """From the ``postprocess`` section of a run config (:class:`ovlabel.config.PostprocessConfig`)."""
+        return cls(
+            threshold=ThresholdSpec(cfg.threshold.method, cfg.threshold.value),
+            class_thresholds={k: ThresholdSpec(v.method, v.value) for k, v in cfg.class_thresholds.items()},
+            instances=cfg.instances,
+            min_area=cfg.min_area,
+            min_area_fraction=cfg.min_area_fraction,
+            opening=cfg.opening,
+            closing=cfg.closing,
+            fill_holes=cfg.fill_holes,
+            presence_threshold=cfg.presence_threshold,
+            score_threshold=cfg.score_threshold,
+            max_detections=cfg.max_detections,
+            nms=cfg.nms,
+            nms_iou=cfg.nms_iou,
+        )
+
+    def __call__(
+        self,
+        heatmaps: np.ndarray | torch.Tensor,
+        labels: Sequence[str],
+        category_ids: Sequence[int],
+        presence: Sequence[float] | np.ndarray | None = None,
+    ) -> Detections:
+        """``heatmaps`` ``[K,H,W]`` (normalised or raw) of one image → its detections, best first."""
+        heat = heatmaps.detach().cpu().numpy() if isinstance(heatmaps, torch.Tensor) else np.asarray(heatmaps)
+        if heat.ndim != 3:
+            raise InputError(f"heatmaps must be [K,H,W], got shape {heat.shape}")
+        K, H, W = heat.shape
+        if H == 0 or W == 0:
+            raise InputError(f"heatmaps have zero area ({W}x{H})")
+        if len(labels) != K or len(category_ids) != K:
+            raise InputError(f"{K} heatmaps but {len(labels)} labels and {len(category_ids)} category ids")
+        if not np.isfinite(heat).all():
+            bad = sorted({int(k) for k in np.argwhere(~np.isfinite(heat))[:, 0]})
+            raise InputError(f"heatmaps {bad} contain NaN or infinite values")
+        pres = np.ones(K) if presence is None else np.asarray(presence, dtype=np.float64).reshape(-1)
+        if pres.shape != (K,) or not np.isfinite(pres).all() or pres.min() < 0 or pres.max() > 1:
+            raise InputError(f"presence must be {K} finite values in [0,1], got {pres.tolist()[:8]}")
+        min_area = max(int(self.min_area), int(np.ceil(self.min_area_fraction * H * W)))
+
+        parts = []
+        for k in range(K):
+            if pres[k] < self.presence_threshold:
+                continue
+            h = minmax(heat[k].astype(np.float32))
+            spec = self.class_thresholds.get(labels[k], self.threshold)
+            masks = heat_to_instances(h, spec, instances=self.instances, min_area=min_area,
+                                      opening=self.opening, closing=self.closing, fill_holes=self.fill_holes)
+            if not masks:
+                continue
+            ev = np.array([mask_evidence(h, m) for m in masks])
+            scores = np.array([combine(pres[k], e) for e in ev])
+            parts.append(Detections(np.stack(masks), scores, np.full(len(masks), int(category_ids[k])),
+                                    (labels[k],) * len(masks), presence=np.full(len(masks), pres[k]), evidence=ev))
+        dets = Detections.concatenate(parts, H, W)
+        if len(dets):
+            dets = dets.select(dets.scores >= self.score_threshold)
+        if self.nms is not None:
+            dets = nms(dets, self.nms_iou, self.nms)
+        return dets.top(self.max_detections)

@@ -1,0 +1,79 @@
+"""Scores that mean the same thing across queries and images.
+
+A min-max normalised heatmap always has a hot spot, even for a class that is absent. ovlabel therefore
+scores each detection as
+
+    score = presence(query | image) × evidence(mask)
+
+* ``presence`` ∈ [0,1] — an image-level probability that the query is in the image, from the model's own
+  image–text logits ``l_k = exp(logit_scale)·cos(image, t_k) (+ logit_bias)``:
+
+  - ``softmax``: softmax over the query set (plus any background / negative prompts, whose
+    probabilities are not emitted) — CLIP's zero-shot classifier;
+  - ``binary``: for each query separately, softmax over {the query} ∪ background prompts — a
+    multi-label presence (needs background prompts);
+  - ``sigmoid``: ``σ(l_k)`` — SigLIP's own per-pair probability (it has a ``logit_bias``);
+  - ``auto``: ``sigmoid`` for models with a logit bias (SigLIP), else ``softmax``.
+
+* ``evidence`` ∈ [0,1] — the mean of the min-max normalised heatmap inside the mask.
+
+Queries whose presence is below a threshold produce no detection at all, which is how absent classes
+are rejected. Without a model (cached heatmaps with no presence), presence is 1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+
+PRESENCE_MODES = ("auto", "softmax", "binary", "sigmoid")
+
+
+def image_text_logits(model, image_embeddings: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """``exp(logit_scale)·cos (+ logit_bias)`` → ``[B, K]``."""
+    e = F.normalize(image_embeddings.float(), dim=-1)
+    t = F.normalize(text.float(), dim=-1)
+    logits = e @ t.T
+    scale = getattr(model, "logit_scale", None)
+    if isinstance(scale, torch.Tensor):
+        logits = logits * scale.detach().float().exp()
+    bias = getattr(model, "logit_bias", None)
+    if isinstance(bias, torch.Tensor):
+        logits = logits + bias.detach().float()
+    return logits
+
+
+def presence_scores(model, image_embeddings: torch.Tensor, text: torch.Tensor,
+                    background: torch.Tensor | None = None, mode: str = "auto") -> np.ndarray:
+    """Presence probabilities ``[B, K]`` of each query in each image (see the module docstring)."""
+    if mode not in PRESENCE_MODES:
+        raise InputError(f"presence mode {mode!r} is not known; expected one of {PRESENCE_MODES}")
+    if mode == "auto":
+        mode = "sigmoid" if isinstance(getattr(model, "logit_bias", None), torch.Tensor) else "softmax"
+    K = text.shape[0]
+    has_bg = background is not None and background.shape[0] > 0
+    with torch.no_grad():
+        if mode == "sigmoid":
+            return torch.sigmoid(image_text_logits(model, image_embeddings, text)).cpu().numpy()
+        if mode == "softmax":
+            full = torch.cat([text, background]) if has_bg else text
+            return image_text_logits(model, image_embeddings, full).softmax(-1)[:, :K].cpu().numpy()
+        if not has_bg:
+            raise InputError("presence mode 'binary' needs background prompts (query vs background)")
+        q = image_text_logits(model, image_embeddings, text)  # [B,K]
+        bg = image_text_logits(model, image_embeddings, background)  # [B,M]
+        bg_lse = torch.logsumexp(bg, dim=-1, keepdim=True)
+        return torch.sigmoid(q - bg_lse).cpu().numpy()  # = e^q / (e^q + Σ e^bg)
+
+
+def mask_evidence(heat: np.ndarray, mask: np.ndarray) -> float:
+    """Mean of a [0,1] heatmap inside a mask."""
+    return float(heat[mask].mean()) if mask.any() else 0.0
+
+
+def combine(presence: float, evidence: float) -> float:
+    """The detection score: ``presence × evidence``, clipped to [0,1]."""
+    return float(np.clip(presence * evidence, 0.0, 1.0))
