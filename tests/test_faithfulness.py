@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_model
 
+from conftest import make_model
 from ovlabel import InputError, compute_maps
 from ovlabel.evaluation import (
     clip_score_fn,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .ops import MeanTokens, SelectToken, run_forward
+from .ops import MeanTokens, SelectToken, cosine_grad, run_backward, run_forward
 from .towers import Tower, block_forward
 
 Tensor = torch.Tensor
@@ -152,29 +152,115 @@ def rollout(tower: Tower, images: Tensor, layers: list[int]) -> Tensor:
     return patches(tower, v, rec.grid).unsqueeze(1)
 
 
+def _scale(model, dtype: torch.dtype) -> Tensor:
+    scale = getattr(model, "logit_scale", None)
+    return scale.detach().to(dtype).exp() if isinstance(scale, Tensor) else torch.ones((), dtype=dtype)
+
+
+def _chunks(K: int, per_query: int, chunk_size: int | None, device: torch.device):
+    budget = 2**23 if device.type == "cpu" else 2**26
+    kc = chunk_size or max(1, budget // max(1, per_query))
+    return [slice(k0, min(K, k0 + kc)) for k0 in range(0, K, kc)]
+
+
+def last_block_readout(model, tower: Tower, images: Tensor, text: Tensor, chunk_size: int | None):
+    """CLS towers, last block: the readout rows of ``∂score/∂A`` in closed form, no autograd.
+
+    Only the rows the head reads (the CLS row; the patch rows for average pooling) reach the score, so
+    the backward runs on those rows alone. Returns ``(grid, rows, weights [B,R], A[rows] [B,H,R,T])``
+    and a generator of ``(query slice, ∂s/∂A[rows] [B,k,H,R,T])``.
+    """
+    with torch.no_grad():
+        x, grid = tower.embed(images)
+        for blk in tower.blocks[:-1]:
+            x = block_forward(blk, x)[0]
+        blk = tower.blocks[-1]
+        z, cache = block_forward(blk, x, keep_attn=True)
+        f, head_cache = run_forward(tower.head, z)
+        B, T, _ = z.shape
+        r = readout_row(tower, B, T)
+        rows = torch.nonzero(r[0]).flatten()
+        _, mlp_rows = blk.mlp.forward(cache.x_mid[:, rows])  # caches of the rows that matter
+        v_t = cache.v.transpose(-1, -2).unsqueeze(1)  # [B,1,H,d,T]
+        scale = _scale(model, f.dtype)
+
+    def grads():
+        with torch.no_grad():
+            for sl in _chunks(text.shape[0], B * blk.heads * len(rows) * T, chunk_size, images.device):
+                g_f = cosine_grad(f, text[sl])[0] * scale
+                g_z = run_backward(tower.head, head_cache, g_f)  # [B,k,T|1,D]
+                g_z = g_z[:, :, rows] if g_z.shape[2] > 1 else g_z.expand(-1, -1, len(rows), -1)
+                g_mid = blk.mlp.backward(g_z, mlp_rows)
+                if blk.gamma1 is not None:
+                    g_mid = g_mid * blk.gamma1
+                g_ctx = blk.out.backward(g_mid, None)
+                g_ctx = g_ctx.reshape(B, g_ctx.shape[1], len(rows), blk.heads, -1).transpose(2, 3)
+                yield sl, g_ctx @ v_t  # [B,k,H,R,T]
+
+    return grid, rows, r[:, rows], cache.attn[:, :, rows], grads()
+
+
+def pooler_gradients(model, tower: Tower, images: Tensor, text: Tensor, chunk_size: int | None):
+    """Pooler towers: ``∂score/∂A_pool[h, 0, :]`` in closed form. Returns ``(grid, A_pool[:, :, 0]
+    [B,H,Tk])`` and a generator of ``(query slice, gradient [B,k,H,Tk])``."""
+    pool = tower.pool
+    with torch.no_grad():
+        x, grid = tower.embed(images)
+        for blk in tower.blocks:
+            x = block_forward(blk, x)[0]
+        f, v, tail_cache, attn = pool.forward(x)
+        B, H, Tk, _ = v.shape
+        scale = _scale(model, f.dtype)
+
+    def grads():
+        with torch.no_grad():
+            for sl in _chunks(text.shape[0], B * H * Tk, chunk_size, images.device):
+                g_o = run_backward(pool.tail, tail_cache, cosine_grad(f, text[sl])[0] * scale)
+                g_o0 = g_o[:, :, 0].reshape(B, g_o.shape[1], H, -1)
+                yield sl, torch.einsum("bkhd,bhtd->bkht", g_o0, v)
+
+    return grid, attn[:, :, 0], grads()
+
+
+def _scatter(out: Tensor | None, rows: Tensor, sl: slice, K: int, tower: Tower, grid) -> Tensor:
+    maps = patches(tower, rows, grid)  # [B,k,gh,gw]
+    out = maps.new_zeros(maps.shape[0], K, *grid) if out is None else out
+    out[:, sl] = maps
+    return out
+
+
 def gradcam(model, tower: Tower, images: Tensor, text: Tensor, layers: list[int],
             chunk_size: int | None) -> Tensor:
     """Grad-CAM on attention: per head, the weight is the score's gradient w.r.t. the attention averaged
-    over the readout row; map = ``max(mean_h(w_h·A_h), 0)`` on the readout row; selected blocks summed."""
-    pooled = tower.pool is not None
-    use = [] if pooled else layers
-    rec = record_attention(tower, images, use or [len(tower.blocks) - 1], to_end=True, grad=True)
+    over the readout row; map = ``max(mean_h(w_h·A_h), 0)`` on the readout row; selected blocks summed.
+
+    Pooler towers use the pooler's attention; CLS towers with the default (last block) run in closed
+    form on the readout rows only; other block selections use autograd."""
     K = text.shape[0]
     out = None
-    for sl, grads, pool_grad in score_gradients(model, tower, rec, text, use, chunk_size):
-        if pooled:
-            w = pool_grad[:, :, :, 0].mean(-1, keepdim=True)  # [k,B,H,1]
-            row = (w * rec.pool_attn[:, :, 0].detach()).mean(2).clamp(min=0)
-        else:
-            r = readout(tower, rec)[:, None, None, :]  # [B,1,1,T]
-            row = 0
-            for i in layers:
-                a = (r @ rec.attn[i].detach()).squeeze(-2)  # [B,H,T]: readout row of each head
-                w = (r @ grads[i]).squeeze(-2).mean(-1, keepdim=True)  # [k,B,H,1]
-                row = row + (w * a).mean(2).clamp(min=0)
-        maps = patches(tower, row, rec.grid).transpose(0, 1)  # [B,k,gh,gw]
-        out = maps.new_zeros(maps.shape[0], K, *rec.grid) if out is None else out
-        out[:, sl] = maps
+    if tower.pool is not None:
+        grid, a, gen = pooler_gradients(model, tower, images, text, chunk_size)
+        for sl, g in gen:
+            w = g.mean(-1, keepdim=True)  # [B,k,H,1]
+            out = _scatter(out, (w * a.unsqueeze(1)).mean(2).clamp(min=0), sl, K, tower, grid)
+        return out
+    if layers == [len(tower.blocks) - 1]:
+        grid, rows, weights, a_rows, gen = last_block_readout(model, tower, images, text, chunk_size)
+        wr = weights[:, None, :, None]  # [B,1,R,1]
+        a = (wr * a_rows).sum(-2)  # [B,H,T]: readout row of each head
+        for sl, g in gen:
+            w = (wr.unsqueeze(1) * g).sum(-2).mean(-1, keepdim=True)  # [B,k,H,1]
+            out = _scatter(out, (w * a.unsqueeze(1)).mean(2).clamp(min=0), sl, K, tower, grid)
+        return out
+    rec = record_attention(tower, images, layers, to_end=True, grad=True)
+    r = readout(tower, rec)[:, None, None, :]  # [B,1,1,T]
+    for sl, grads, _ in score_gradients(model, tower, rec, text, layers, chunk_size):
+        row = 0
+        for i in layers:
+            a = (r @ rec.attn[i].detach()).squeeze(-2)  # [B,H,T]
+            w = (r @ grads[i]).squeeze(-2).mean(-1, keepdim=True)  # [k,B,H,1]
+            row = row + (w * a).mean(2).clamp(min=0)
+        out = _scatter(out, row.transpose(0, 1), sl, K, tower, rec.grid)
     return out
 
 
@@ -182,10 +268,23 @@ def chefercam(model, tower: Tower, images: Tensor, text: Tensor, layers: list[in
               chunk_size: int | None) -> Tensor:
     """CheferCAM / GAE (Chefer et al., ICCV 2021), the rule of their CLIP notebook: score =
     ``logit_scale·cos``; ``R = I``; per selected block ``R ← R + Ā R`` with ``Ā = mean_h max(∇A ⊙ A, 0)``;
-    map = readout row of ``R``. Pooler towers start from ``mean_h max(∇A_pool ⊙ A_pool, 0)``."""
-    rec = record_attention(tower, images, layers, to_end=True, grad=True)
+    map = readout row of ``R``. Pooler towers start from ``mean_h max(∇A_pool ⊙ A_pool, 0)``.
+
+    CLS towers with the default (last block) run in closed form on the readout rows; otherwise one
+    backward through the shared graph per query chunk."""
     K = text.shape[0]
     out = None
+    if tower.pool is None and layers == [len(tower.blocks) - 1]:
+        grid, rows, weights, a_rows, gen = last_block_readout(model, tower, images, text, chunk_size)
+        T = a_rows.shape[-1]
+        base = torch.zeros(weights.shape[0], T, dtype=weights.dtype, device=weights.device)
+        base[:, rows] = weights
+        for sl, g in gen:
+            a_bar = (g * a_rows.unsqueeze(1)).clamp(min=0).mean(2)  # [B,k,R,T]
+            row = base.unsqueeze(1) + (weights[:, None, :, None] * a_bar).sum(-2)
+            out = _scatter(out, row, sl, K, tower, grid)
+        return out
+    rec = record_attention(tower, images, layers, to_end=True, grad=True)
     for sl, grads, pool_grad in score_gradients(model, tower, rec, text, layers, chunk_size):
         pool_row = None
         if pool_grad is not None:
@@ -196,7 +295,5 @@ def chefercam(model, tower: Tower, images: Tensor, text: Tensor, layers: list[in
         for i in sorted(layers, reverse=True):
             a_bar = (grads[i] * rec.attn[i].detach()).clamp(min=0).mean(2)  # [k,B,T,T]
             v = v + (v.unsqueeze(-2) @ a_bar).squeeze(-2)
-        maps = patches(tower, v, rec.grid).transpose(0, 1)
-        out = maps.new_zeros(maps.shape[0], K, *rec.grid) if out is None else out
-        out[:, sl] = maps
+        out = _scatter(out, v.transpose(0, 1), sl, K, tower, rec.grid)
     return out

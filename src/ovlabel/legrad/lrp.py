@@ -46,13 +46,8 @@ Trace = Callable[[str, Tensor, Tensor], None]
 
 
 def safe_divide(a: Tensor, b: Tensor) -> Tensor:
-    den = b + 1e-9
-    den = den + (den == 0).to(den.dtype) * 1e-9
-    return a / den * (b != 0).to(b.dtype)
-
-
-def _total(r: Tensor, lead: int) -> Tensor:
-    return r.flatten(lead).sum(-1)
+    """Chefer's stabilised division ``a / (b + 1e-9)``, 0 where ``b = 0``."""
+    return torch.where(b != 0, a / (b + 1e-9), torch.zeros((), dtype=a.dtype, device=a.device))
 
 
 def lrp_linear(R: Tensor, x: Tensor, W: Tensor, Wx: Tensor | None = None, W_abs: Tensor | None = None) -> Tensor:
@@ -60,13 +55,12 @@ def lrp_linear(R: Tensor, x: Tensor, W: Tensor, Wx: Tensor | None = None, W_abs:
     ``Wx`` (``x Wᵀ`` without bias, ``[B,...,out]``) saves a matmul when the forward already has it."""
     W_abs = W.abs() if W_abs is None else W_abs
     x = x.unsqueeze(1)
-    if Wx is None:
-        Wx = F.linear(x, W)
-    else:
-        Wx = Wx.unsqueeze(1)
-    Z = 0.5 * (F.linear(x.abs(), W_abs) + Wx)
+    Wx = F.linear(x, W) if Wx is None else Wx.unsqueeze(1)
+    Z = F.linear(x.abs(), W_abs).add_(Wx).mul_(0.5)
     S = safe_divide(R, Z)
-    return 0.5 * (x * (S @ W) + x.abs() * (S @ W_abs))
+    both = S @ torch.cat([W, W_abs], dim=1)  # one GEMM for S·W and S·|W|
+    n = W.shape[1]
+    return (x * both[..., :n]).add_(x.abs() * both[..., n:]).mul_(0.5)
 
 
 def lrp_add(R: Tensor, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
@@ -85,8 +79,8 @@ def lrp_add(R: Tensor, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
 def lrp_matmul(R: Tensor, X: Tensor, Y: Tensor, Z: Tensor) -> tuple[Tensor, Tensor]:
     """Two-operand rule for ``Z = X @ Y`` (operands broadcast over K), each share halved."""
     X, Y, Z = X.unsqueeze(1), Y.unsqueeze(1), Z.unsqueeze(1)
-    S = safe_divide(R, Z)
-    return 0.5 * X * (S @ Y.transpose(-1, -2)), 0.5 * Y * (X.transpose(-1, -2) @ S)
+    S = safe_divide(R, Z).mul_(0.5)  # the halving, applied to the (smaller or equal) quotient
+    return (S @ Y.transpose(-1, -2)).mul_(X), (X.transpose(-1, -2) @ S).mul_(Y)
 
 
 @dataclass
@@ -140,8 +134,10 @@ def _nobias(y: Tensor, lin: Linear) -> Tensor:
     return y if lin.bias is None else y - lin.bias
 
 
-def _block_relprop(blk: Block, st: _BlockState, R: Tensor, trace: Trace | None) -> tuple[Tensor, Tensor]:
-    """Relevance at the block output ``[B,K,T,D]`` → (relevance at the block input, R_A ``[B,K,H,T,T]``)."""
+def _block_relprop(blk: Block, st: _BlockState, R: Tensor, trace: Trace | None,
+                   need_input: bool = True) -> tuple[Tensor | None, Tensor]:
+    """Relevance at the block output ``[B,K,T,D]`` → (relevance at the block input, R_A ``[B,K,H,T,T]``).
+    ``need_input=False`` stops at ``R_A`` (the lowest block of interest)."""
     _, fc1, _, fc2, gamma2 = _mlp_parts(blk)
     branch = st.m * gamma2 if gamma2 is not None else st.m
     r_res, r_mlp = lrp_add(R, st.x_mid, branch)
@@ -167,6 +163,8 @@ def _block_relprop(blk: Block, st: _BlockState, R: Tensor, trace: Trace | None) 
     r_a, r_v = lrp_matmul(r_ctx, attn, st.v, st.ctx)
     if trace:
         trace("attn@v", r_ctx, torch.cat([r_a.flatten(2), r_v.flatten(2)], -1))
+    if not need_input:
+        return None, r_a
     qk = st.q @ st.k.transpose(-1, -2)  # softmax and 1/sqrt(d): identity
     r_q, r_kt = lrp_matmul(r_a, st.q, st.k.transpose(-1, -2), qk)
     if trace:
@@ -263,9 +261,9 @@ def chefer_lrp(model, tower: Tower, images: Tensor, text: Tensor, layers: list[i
         v = readout_row(tower, B, T).unsqueeze(1).expand(B, k1 - k0, T)
         r_a = {}
         for i in range(len(tower.blocks) - 1, first - 1, -1):
-            R_tok, r_a[i] = _block_relprop(tower.blocks[i], states[i], R_tok, trace)
+            R_tok, r_a[i] = _block_relprop(tower.blocks[i], states[i], R_tok, trace, need_input=i > first)
         for i in sorted(layers, reverse=True):
-            a_bar = (grads[i] * r_a[i]).clamp(min=0).mean(2)  # [B,k,T,T]
+            a_bar = grads[i].mul_(r_a[i]).clamp_(min=0).mean(2)  # [B,k,T,T]
             v = v + (v.unsqueeze(-2) @ a_bar).squeeze(-2)
         out[:, k0:k1] = patches(tower, v, grid)
     return out

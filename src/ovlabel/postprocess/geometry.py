@@ -26,7 +26,8 @@ class Letterbox:
     padded: tuple[int, int]  # (H, W): the model input, a multiple of the patch size
 
     @classmethod
-    def fit(cls, original: tuple[int, int], size: int, patch: int | tuple[int, int], mode: str = "longest") -> Letterbox:
+    def fit(cls, original: tuple[int, int], size: int, patch: int | tuple[int, int],
+            mode: str = "longest") -> Letterbox:
         """Resize so the ``longest`` (or ``shortest``) side is ``size``, then pad to the patch grid."""
         H0, W0 = (int(v) for v in original)
         if H0 < 1 or W0 < 1:

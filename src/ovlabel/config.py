@@ -1,0 +1,249 @@
+"""Run configuration: a YAML file validated into typed sections — the one place configs become arguments.
+
+Every section forbids unknown keys; the error names the nearest valid key. Overrides (from the command
+line or Python) are dotted keys (``postprocess.threshold.method=otsu``) applied before validation.
+``configs/*.yaml`` hold the shipped presets; a config file may ``extends:`` another one (a shipped preset
+name or a path), whose values it overrides.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+
+def _preset_dir() -> Path:
+    """``configs/`` of the source tree (editable installs) or the copy installed under ``share/``."""
+    source_tree = Path(__file__).resolve().parents[2] / "configs"
+    for candidate in (source_tree, Path(sys.prefix) / "share" / "ovlabel" / "configs"):
+        if candidate.is_dir():
+            return candidate
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+PRESET_DIR = _preset_dir()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = "ViT-B-16"
+    pretrained: str | None = "laion2b_s34b_b88k"  # a tag, a checkpoint path, or "none" (random init)
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+class ExplainerConfig(_Section):
+    method: str = "legrad"
+    layers: Union[Literal["all", "last"], int, list[int], None] = None  # noqa: UP007
+    chunk_size: int | None = Field(default=None, ge=1)
+    empty_prompt: bool = False  # SigLIP correction: suppress what "a photo of a" lights up
+
+
+class TileConfig(_Section):
+    enabled: bool = False
+    min_scale: float = Field(default=2.0, gt=1.0)  # tile images whose long side exceeds min_scale × size
+    overlap: float = Field(default=0.25, ge=0.0, lt=0.9)
+
+
+class PreprocessConfig(_Section):
+    size: int = Field(default=448, ge=16)
+    resize: Literal["longest", "shortest"] = "longest"
+    mean: list[float] | None = None  # default: the model's own preprocessing config
+    std: list[float] | None = None
+    tile: TileConfig = TileConfig()
+
+
+class QueriesConfig(_Section):
+    names: list[str] = []
+    templates: Union[Literal["imagenet", "single"], list[str]] = "single"  # noqa: UP007
+    synonyms: dict[str, list[str]] = {}
+    background: list[str] = []
+    negatives: list[str] = []
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_have_slot(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("templates is an empty list; give at least one template such as 'a photo of a {}.'")
+            bad = [t for t in v if "{}" not in t]
+            if bad:
+                raise ValueError(f"templates {bad} have no '{{}}' slot for the class name")
+        return v
+
+
+class ThresholdConfig(_Section):
+    method: Literal["fixed", "mean", "otsu", "quantile", "max_fraction"] = "mean"
+    value: float | None = None
+
+    @model_validator(mode="after")
+    def _value(self):
+        if self.method in ("fixed", "quantile", "max_fraction") and self.value is None:
+            raise ValueError(f"threshold method '{self.method}' needs a value")
+        return self
+
+
+class PostprocessConfig(_Section):
+    threshold: ThresholdConfig = ThresholdConfig()
+    class_thresholds: dict[str, ThresholdConfig] = {}
+    instances: Literal["components", "class"] = "components"
+    min_area: int = Field(default=16, ge=0)
+    min_area_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    opening: int = Field(default=0, ge=0)
+    closing: int = Field(default=0, ge=0)
+    fill_holes: bool = True
+    presence: Literal["auto", "softmax", "binary", "sigmoid"] = "auto"
+    presence_threshold: float = Field(default=0.0, ge=0.0, le=1.0)
+    score_threshold: float = Field(default=0.0, ge=0.0, le=1.0)
+    max_detections: int = Field(default=100, ge=0)
+    nms: Literal["mask", "box"] | None = None
+    nms_iou: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
+class ExportConfig(_Section):
+    segmentation: Literal["rle", "polygon"] = "rle"
+    heatmaps: bool = False
+    overlays: bool = False
+    masks: Literal["instance", "semantic"] | None = None
+
+
+class RunConfig(_Section):
+    batch_size: int = Field(default=4, ge=1)
+    workers: int = Field(default=2, ge=0)
+    strict: bool = False
+    progress: bool = True
+    max_pixels: int = Field(default=178_956_970, ge=1)  # decompression-bomb guard (Pillow's default × 2)
+
+
+class Config(_Section):
+    extends: str | None = None
+    model: ModelConfig = ModelConfig()
+    explainer: ExplainerConfig = ExplainerConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    queries: QueriesConfig = QueriesConfig()
+    postprocess: PostprocessConfig = PostprocessConfig()
+    export: ExportConfig = ExportConfig()
+    run: RunConfig = RunConfig()
+
+
+# --------------------------------------------------------------------------------------------- loading
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(source: str | Path) -> dict:
+    path = Path(source)
+    if not path.exists() and not path.suffix and (PRESET_DIR / f"{source}.yaml").exists():
+        path = PRESET_DIR / f"{source}.yaml"
+    if not path.exists():
+        raise ConfigError(f"config file {source} does not exist; shipped presets: {', '.join(list_presets())}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    if data.get("extends"):
+        base = _read_yaml(_resolve_relative(data["extends"], path))
+        data = deep_merge(base, {k: v for k, v in data.items() if k != "extends"})
+    return data
+
+
+def _resolve_relative(ref: str, origin: Path) -> str | Path:
+    candidate = origin.parent / ref
+    return candidate if candidate.exists() else ref
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` → (["a","b","c"], YAML-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: dict | list[str] | None) -> dict:
+    if not overrides:
+        return data
+    items = [parse_override(o) for o in overrides] if isinstance(overrides, list) else \
+        [(k.split("."), v) for k, v in overrides.items()]
+    data = dict(data)
+    for keys, value in items:
+        node = data
+        for k in keys[:-1]:
+            node[k] = dict(node.get(k) or {})
+            node = node[k]
+        node[keys[-1]] = value
+    return data
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: Any = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _explain(err: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = ".".join(str(x) for x in loc)
+        if e["type"] == "extra_forbidden":
+            valid = _fields_at(loc)
+            near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{'.'.join(str(x) for x in loc[:-1] + (near[0],))}'?" if near else ""
+            lines.append(f"unknown key '{where}'{hint} (valid keys here: {', '.join(valid)})")
+        else:
+            lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
+    return ConfigError(f"invalid config ({source}):\n  " + "\n  ".join(lines))
+
+
+def load_config(source: str | Path | dict | Config | None = None,
+                overrides: dict | list[str] | None = None) -> Config:
+    """A validated :class:`Config` from a preset name, a YAML path, a dict or nothing (the default
+    preset), with dotted ``overrides`` applied on top."""
+    if isinstance(source, Config):
+        data, name = source.model_dump(), "config object"
+    elif isinstance(source, dict):
+        data, name = dict(source), "dict"
+        if data.get("extends"):
+            data = deep_merge(_read_yaml(data["extends"]), {k: v for k, v in data.items() if k != "extends"})
+    else:
+        name = str(source or "default")
+        data = _read_yaml(source or "default")
+    data = apply_overrides(data, overrides)
+    data.pop("extends", None)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise _explain(e, name) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(exclude={"extends"}), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,130 @@
+"""Semantic metrics for maps and masks (``methods.md``, "Evaluation protocols").
+
+* :class:`FgBgMetrics` — FG/BG segmentation (ImageNet-Segmentation protocol): each map is binarised at its
+  own mean (Chefer) or a fixed threshold; pixel accuracy and mIoU over {background, foreground} are
+  accumulated over the dataset; mAP is the mean over images of the average precision of the map against
+  the mask.
+* :class:`PointMIoU` — point-level localisation (OpenImages V7 protocol): each map binarised at 0.5 and
+  read only at annotated points (yes = foreground, no = background); IoU of foreground and background
+  over all points, averaged.
+* :class:`ClassIoU` — class-wise IoU of predicted vs ground-truth label masks accumulated over a dataset
+  (mIoU over the classes that occur).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import InputError
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Step-wise average precision (as ``sklearn.metrics.average_precision_score``): ``Σ (Rₙ − Rₙ₋₁) Pₙ``
+    over the distinct score thresholds. ``nan`` when there is no positive."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).astype(bool).reshape(-1)
+    npos = int(labels.sum())
+    if npos == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], labels[order]
+    tp = np.cumsum(y)
+    fp = np.cumsum(~y)
+    last = np.r_[np.flatnonzero(np.diff(s)), y.size - 1]  # last index of each distinct threshold
+    tp, fp = tp[last], fp[last]
+    precision = tp / (tp + fp)
+    recall = tp / npos
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+class FgBgMetrics:
+    """Accumulates FG/BG pixel accuracy, mIoU and mAP over a dataset of (map, mask) pairs."""
+
+    def __init__(self, threshold: str | float = "mean") -> None:
+        if not (threshold == "mean" or isinstance(threshold, (int, float))):
+            raise InputError(f"threshold must be 'mean' or a number, got {threshold!r}")
+        self.threshold = threshold
+        self.correct = 0
+        self.total = 0
+        self.inter = np.zeros(2)
+        self.union = np.zeros(2)
+        self.aps: list[float] = []
+
+    def update(self, heat: np.ndarray, mask: np.ndarray) -> None:
+        heat = np.asarray(heat, dtype=np.float64)
+        mask = np.asarray(mask).astype(bool)
+        if heat.shape != mask.shape:
+            raise InputError(f"map {heat.shape} and mask {mask.shape} must have the same shape")
+        t = heat.mean() if self.threshold == "mean" else float(self.threshold)
+        pred = heat > t
+        self.correct += int((pred == mask).sum())
+        self.total += mask.size
+        for c, (p, g) in enumerate(((~pred, ~mask), (pred, mask))):
+            self.inter[c] += np.logical_and(p, g).sum()
+            self.union[c] += np.logical_or(p, g).sum()
+        ap = average_precision(heat, mask)
+        if not np.isnan(ap):
+            self.aps.append(ap)
+
+    def result(self) -> dict[str, float]:
+        iou = np.divide(self.inter, self.union, out=np.zeros(2), where=self.union > 0)
+        return {
+            "pixel_accuracy": self.correct / self.total if self.total else float("nan"),
+            "iou_background": float(iou[0]),
+            "iou_foreground": float(iou[1]),
+            "miou": float(iou.mean()) if self.total else float("nan"),
+            "map": float(np.mean(self.aps)) if self.aps else float("nan"),
+            "images": len(self.aps),
+        }
+
+
+class PointMIoU:
+    """p-mIoU: maps read at labelled points. ``update(map, points, labels)`` with ``points`` ``[N,2]``
+    as (x, y) pixel coordinates and ``labels`` ``[N]`` booleans (True = the class is there)."""
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        self.threshold = threshold
+        self.tp = self.fp = self.fn = self.tn = 0
+
+    def update(self, heat: np.ndarray, points: Sequence[Sequence[float]], labels: Sequence[bool]) -> None:
+        heat = np.asarray(heat)
+        pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        lab = np.asarray(labels).astype(bool).reshape(-1)
+        if pts.shape[0] != lab.shape[0]:
+            raise InputError(f"{pts.shape[0]} points but {lab.shape[0]} labels")
+        x = np.clip(np.floor(pts[:, 0]).astype(int), 0, heat.shape[1] - 1)
+        y = np.clip(np.floor(pts[:, 1]).astype(int), 0, heat.shape[0] - 1)
+        pred = heat[y, x] > self.threshold
+        self.tp += int((pred & lab).sum())
+        self.fp += int((pred & ~lab).sum())
+        self.fn += int((~pred & lab).sum())
+        self.tn += int((~pred & ~lab).sum())
+
+    def result(self) -> dict[str, float]:
+        fg = self.tp / max(1, self.tp + self.fp + self.fn)
+        bg = self.tn / max(1, self.tn + self.fn + self.fp)
+        return {"iou_foreground": fg, "iou_background": bg, "p_miou": (fg + bg) / 2,
+                "points": self.tp + self.fp + self.fn + self.tn}
+
+
+class ClassIoU:
+    """Class-wise IoU of label masks accumulated over a dataset; ``update(pred, gt)`` take per-class
+    boolean masks ``{class: [H,W]}`` (a missing class is empty)."""
+
+    def __init__(self) -> None:
+        self.inter: dict = {}
+        self.union: dict = {}
+
+    def update(self, pred: dict, gt: dict, shape: tuple[int, int]) -> None:
+        empty = np.zeros(shape, dtype=bool)
+        for c in set(pred) | set(gt):
+            p, g = pred.get(c, empty), gt.get(c, empty)
+            self.inter[c] = self.inter.get(c, 0) + int(np.logical_and(p, g).sum())
+            self.union[c] = self.union.get(c, 0) + int(np.logical_or(p, g).sum())
+
+    def result(self) -> dict:
+        per_class = {c: self.inter[c] / self.union[c] for c in self.union if self.union[c] > 0}
+        return {"miou": float(np.mean(list(per_class.values()))) if per_class else float("nan"),
+                "per_class": per_class}
