@@ -18,7 +18,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from ..errors import CocoFormatError
-from ..export.coco import check_results, load_coco, read_json
+from ..export.coco import check_results, load_coco, quiet, read_json
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("bbox", "segm")
@@ -45,18 +45,19 @@ def _empty_results(gt: COCO) -> COCO:
     dt = COCO()
     dt.dataset = {"images": copy.deepcopy(gt.dataset["images"]), "categories": copy.deepcopy(gt.dataset["categories"]),
                   "annotations": []}
-    dt.createIndex()
+    with quiet():
+        dt.createIndex()
     return dt
 
 
 def evaluate(gt: COCO | str | Path, results: list[dict] | str | Path,
-             iou_types: tuple[str, ...] | list[str] = IOU_TYPES, *, verbose: bool = False) -> dict:
+             iou_types: tuple[str, ...] | list[str] = IOU_TYPES, *, verbose: bool = False,
+             source: str = "results") -> dict:
     """``{iou_type: {"stats": {name: value}, "per_class": {category name: AP}}}`` (values as pycocotools
     computes them, in [0,1]; -1 where pycocotools has no data)."""
     if not isinstance(gt, COCO):
         gt = load_coco(gt)
-    source = "results"
-    if not isinstance(results, list):
+    if isinstance(results, (str, Path)):
         source = str(results)
         results = read_json(results, "results")
     check_results(results, gt.getImgIds(), gt.getCatIds(), source)

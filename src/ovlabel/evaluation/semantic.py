@@ -128,3 +128,58 @@ class ClassIoU:
         per_class = {c: self.inter[c] / self.union[c] for c in self.union if self.union[c] > 0}
         return {"miou": float(np.mean(list(per_class.values()))) if per_class else float("nan"),
                 "per_class": per_class}
+
+
+def semantic_evaluation(gt, results: list[dict], *, heatmap_dir=None, score_threshold: float = 0.5) -> dict:
+    """Semantic metrics of a run against a COCO ground truth (``pycocotools.coco.COCO``).
+
+    * ``masks``: class-wise IoU of the union of predicted masks scoring ≥ ``score_threshold`` against the
+      union of ground-truth masks, per category, accumulated over the ground-truth images;
+    * ``maps`` (with ``heatmap_dir``): FG/BG metrics (mean threshold and 0.5) and the pointing game of
+      each cached map whose query is a category present in the image.
+    """
+    from pycocotools import mask as mask_utils
+
+    from ..export.heatmaps import list_heatmap_files, load_heatmaps
+    from .faithfulness import pointing_game
+
+    by_image: dict[int, list[dict]] = {}
+    for r in results:
+        if r["score"] >= score_threshold and "segmentation" in r:
+            by_image.setdefault(r["image_id"], []).append(r)
+    names = {c: gt.cats[c]["name"] for c in gt.cats}
+    class_iou = ClassIoU()
+    gt_masks: dict[int, dict[str, np.ndarray]] = {}
+    for img_id, img in gt.imgs.items():
+        shape = (int(img["height"]), int(img["width"]))
+        g: dict[str, np.ndarray] = {}
+        for ann in gt.loadAnns(gt.getAnnIds(imgIds=[img_id], iscrowd=None)):
+            m = gt.annToMask(ann).astype(bool)
+            name = names[ann["category_id"]]
+            g[name] = g[name] | m if name in g else m
+        p: dict[str, np.ndarray] = {}
+        for r in by_image.get(img_id, []):
+            m = mask_utils.decode({"size": r["segmentation"]["size"],
+                                   "counts": r["segmentation"]["counts"].encode("ascii")}).astype(bool)
+            name = names[r["category_id"]]
+            p[name] = p[name] | m if name in p else m
+        class_iou.update(p, g, shape)
+        gt_masks[img_id] = g
+    out: dict = {"masks": {"score_threshold": score_threshold, **class_iou.result()}}
+    if heatmap_dir is not None:
+        fgbg_mean, fgbg_half = FgBgMetrics("mean"), FgBgMetrics(0.5)
+        hits = []
+        for f in list_heatmap_files(heatmap_dir):
+            rec = load_heatmaps(f)
+            g = gt_masks.get(rec.image_id)
+            if g is None:
+                continue
+            for k, q in enumerate(rec.queries):
+                if q in g:
+                    heat = rec.heatmaps[k].astype(np.float32)
+                    fgbg_mean.update(heat, g[q])
+                    fgbg_half.update(heat, g[q])
+                    hits.append(bool(pointing_game(heat[None], g[q][None])[0]))
+        out["maps"] = {"mean_threshold": fgbg_mean.result(), "threshold_0.5": fgbg_half.result(),
+                       "pointing_game": float(np.mean(hits)) if hits else float("nan"), "pairs": len(hits)}
+    return out

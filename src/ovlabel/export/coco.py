@@ -12,6 +12,8 @@ Invariants of everything written here (tested):
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -30,6 +32,11 @@ from ..postprocess.detections import Detections
 
 
 # ------------------------------------------------------------------------------------------------- I/O
+def quiet():
+    """Silence pycocotools' progress prints ("creating index...")."""
+    return contextlib.redirect_stdout(io.StringIO())
+
+
 def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = None) -> Path:
     """Write JSON to a temporary file in the same folder, fsync, then rename over ``path``."""
     path = Path(path)
@@ -80,7 +87,8 @@ def coco_from_dict(dataset: dict, source: str = "dataset") -> COCO:
         raise CocoFormatError(f"{source}: category ids are not unique")
     coco = COCO()
     coco.dataset = dataset
-    coco.createIndex()
+    with quiet():
+        coco.createIndex()
     return coco
 
 
@@ -167,7 +175,7 @@ def label_image(dets: Detections, kind: str = "instance") -> np.ndarray:
         raise CocoFormatError(f"label mask kind must be 'instance' or 'semantic', got {kind!r}")
     H, W = dets.image_size
     dets = dets.sorted()
-    top = int(max(len(dets), dets.category_ids.max(initial=0)))
+    top = len(dets) if kind == "instance" else int(dets.category_ids.max(initial=0))
     out = np.zeros((H, W), dtype=np.uint16 if top > 255 else np.uint8)
     for i in range(len(dets) - 1, -1, -1):  # paint lowest scores first: the best one wins overlaps
         out[dets.masks[i]] = (i + 1) if kind == "instance" else dets.category_ids[i]

@@ -26,7 +26,7 @@ from pycocotools.coco import COCO
 from ..errors import CocoFormatError
 from ..pipeline.categories import Categories
 from ..postprocess.detections import Detections
-from .coco import _segmentation, check_results, coco_from_dict, detections_to_results
+from .coco import _segmentation, check_results, coco_from_dict, detections_to_results, quiet
 
 VALIDATE_CHUNK = 2000
 
@@ -204,5 +204,6 @@ def _validate_chunk(chunk: list[dict], gt: COCO, img_ids) -> None:
     if not chunk:
         return
     check_results(chunk, img_ids, gt.getCatIds(), "predictions")
-    gt.loadRes([dict(r) for r in chunk])
+    with quiet():
+        gt.loadRes([dict(r) for r in chunk])
 

@@ -131,7 +131,7 @@ class Detections:
 
     @property
     def areas(self) -> np.ndarray:
-        return self.masks.reshape(len(self), -1).sum(axis=1).astype(np.int64)
+        return self.masks.reshape(len(self), self.masks.shape[1] * self.masks.shape[2]).sum(axis=1).astype(np.int64)
 
     def select(self, index: np.ndarray | Sequence[int] | slice) -> Detections:
         """Subset by integer indices, a boolean mask or a slice (order follows ``index``)."""
