@@ -18,10 +18,10 @@ from coco_fixtures import ABSENT, CATEGORIES, make_gt, write_oracle_heatmaps
 from ovlabel import CocoFormatError, InputError
 from ovlabel.cli import main
 from ovlabel.evaluation.coco import STAT_NAMES, evaluate
+from ovlabel.export.categories import Categories, load_categories
 from ovlabel.export.coco import label_image, write_label_png
 from ovlabel.export.heatmaps import load_heatmaps, save_heatmaps
 from ovlabel.export.records import RecordWriter, finalize
-from ovlabel.pipeline.categories import Categories, load_categories
 from ovlabel.pipeline.offline import postprocess_heatmaps
 from ovlabel.postprocess import Detections
 

@@ -7,8 +7,11 @@ Every command is ``main(argv)``-callable from tests. User errors (``OvlabelError
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -67,6 +70,74 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    return i, n
+
+
+def _label_overrides(args: argparse.Namespace) -> list[str]:
+    sets = list(args.set)
+    pairs = [("model.name", args.model), ("model.pretrained", args.pretrained), ("model.device", args.device),
+             ("model.precision", args.precision), ("explainer.method", args.method), ("explainer.layers", args.layers),
+             ("preprocess.size", args.size), ("run.batch_size", args.batch_size), ("run.workers", args.workers)]
+    for key, value in pairs:
+        if value is not None:
+            sets.append(f"{key}={value}")
+    for key, flag in (("export.heatmaps", args.save_heatmaps), ("export.overlays", args.overlays),
+                      ("run.strict", args.strict)):
+        if flag:
+            sets.append(f"{key}=true")
+    if args.masks:
+        sets.append(f"export.masks={args.masks}")
+    if args.no_progress:
+        sets.append("run.progress=false")
+    return sets
+
+
+def _cmd_label(args: argparse.Namespace) -> int:
+    import warnings
+
+    from .config import load_config
+    from .pipeline.runner import Pipeline
+
+    cfg = load_config(args.config, _label_overrides(args))
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        pipe = Pipeline(cfg)
+        summary = pipe.run(args.inputs, args.out, queries=args.queries, queries_file=args.queries_file,
+                           coco_gt=args.coco_gt, images_dir=args.images_dir, resume=args.resume, shard=args.shard,
+                           command=shlex.join(["ovlabel", *(args.argv or [])]))
+    c = summary["counts"]
+    print(f"labelled {c['labelled']} images ({c['detections']} detections), {c['failed']} failed, "
+          f"{c['resumed_skipped']} already done -> {args.out}")
+    for f in summary["failures"][:10]:
+        print(f"  skipped {f['file']}: {f['error']}")
+    if len(summary["failures"]) > 10:
+        print(f"  … {len(summary['failures']) - 10} more in run.yaml")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .pipeline.runner import merge_runs
+
+    s = merge_runs(args.runs, args.out)
+    print(f"merged {len(s['merged_from'])} runs: {s['counts']['images']} images, {s['counts']['annotations']} "
+          f"annotations -> {args.out}")
+    return 0
+
+
+def _cmd_train_demo(args: argparse.Namespace) -> int:
+    from .datasets.train_shapes import train
+
+    summary = train(args.out, steps=args.steps, minutes=args.minutes, seed=args.seed, pool=args.pool,
+                    batch=args.batch, lr=args.lr)
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ovlabel", description="Label images from text with CLIP "
                                      "explainability maps (LeGrad), no training.")
@@ -105,13 +176,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-score-threshold", type=float, default=0.5,
                    help="predicted masks scoring at least this count for the mask mIoU (default 0.5)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("label", help="label images: COCO predictions, a pseudo-label dataset, pictures")
+    p.add_argument("inputs", nargs="*", help="folders (recursive), image files, or .txt files listing paths")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--config", help="a YAML file or a shipped preset name (default: default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--queries", nargs="+", help="the classes to label")
+    q.add_argument("--queries-file", help="classes: .txt (one per line) or .json (COCO categories or names)")
+    p.add_argument("--coco-gt", help="a COCO file: its images and categories (ids kept) are labelled")
+    p.add_argument("--images-dir", help="the folder the --coco-gt file names are relative to")
+    p.add_argument("--model", help="open_clip model name, a model-config .json, or ovlabel-shapes")
+    p.add_argument("--pretrained", help="open_clip tag, checkpoint file (.pt/.bin/.safetensors), or none")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--method", help="explainer (see `ovlabel methods`)")
+    p.add_argument("--layers", help="all | -n | [i,j]")
+    p.add_argument("--size", type=int, help="input size (longest side)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--workers", type=int, help="image-decoding worker processes")
+    p.add_argument("--save-heatmaps", action="store_true", help="write heatmaps/*.npz")
+    p.add_argument("--overlays", action="store_true", help="write overlays/*.jpg")
+    p.add_argument("--masks", choices=["instance", "semantic"], help="write masks/*.png")
+    p.add_argument("--resume", action="store_true", help="continue a run that was interrupted")
+    p.add_argument("--shard", type=_parse_shard, default=(0, 1), metavar="I/N",
+                   help="process the I-th of N deterministic shares (merge with `ovlabel merge`)")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_label)
+
+    p = sub.add_parser("merge", help="merge shard runs into one set of files")
+    p.add_argument("runs", nargs="+", help="run folders (each with records/ and run*.yaml)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("train-demo", help="train the tiny shapes CLIP that ships with ovlabel")
+    p.add_argument("--out", required=True, help="output folder (weights, config, training log)")
+    p.add_argument("--steps", type=int, default=2400, help="optimisation steps (default 2400, ~30 min on 2 cores)")
+    p.add_argument("--minutes", type=float, help="stop on wall time instead (not reproducible)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pool", type=int, default=50000, help="generated training scenes")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.set_defaults(func=_cmd_train_demo)
     return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
         return int(args.func(args) or 0)
     except OvlabelError as e:
@@ -120,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from ..errors import CocoFormatError
-from ..pipeline.categories import Categories
 from ..postprocess.detections import Detections
+from .categories import Categories
 from .coco import _segmentation, check_results, coco_from_dict, detections_to_results, quiet
 
 VALIDATE_CHUNK = 2000

@@ -34,13 +34,24 @@ class ExplainInput:
     images: Tensor  # [B,3,H,W]
     text: Tensor  # [K,E], unit rows
     layers: list[int]  # sorted block indices
+    want_embedding: bool = False
 
 
 @dataclass(frozen=True)
-class FinalMaps:
-    """Returned by a method that already produced ``[B,K,H,W]`` maps in [0,1] at input resolution."""
+class MethodOutput:
+    """What a method may return instead of plain grid maps: ``maps`` on the token grid (or, with
+    ``final=True``, already ``[B,K,H,W]`` in [0,1] at input resolution) and, when its forward pass
+    reached the end of the tower, the image ``embedding`` ``[B,E]`` (spares a second forward)."""
 
     maps: Tensor
+    final: bool = False
+    embedding: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Explanation:
+    maps: Tensor  # [B,K,H,W]
+    embeddings: Tensor | None  # [B,E] unnormalised image embeddings, when asked for
 
 
 @dataclass(frozen=True)
@@ -188,23 +199,74 @@ def prepare_inputs(tower: Tower, images: Any, text_embeddings: Any) -> tuple[Ten
     return images, text
 
 
-def finalize_maps(grid_maps: Tensor, patch_size: tuple[int, int], num_queries: int) -> Tensor:
+def finalize_maps(grid_maps: Tensor, patch_size: tuple[int, int], num_queries: int, normalize: bool = True) -> Tensor:
     """Bilinear ×patch upsampling (``align_corners=False``) and per-map min-max → ``[B,K,H,W]`` in [0,1].
 
-    A constant map (no positive gradient anywhere) becomes all zeros.
+    A constant map (no positive gradient anywhere) becomes all zeros. ``normalize=False`` skips the
+    min-max (raw maps, e.g. to fuse tiles before normalising).
     """
     maps = grid_maps.float() if grid_maps.dtype not in (torch.float32, torch.float64) else grid_maps
     B, K, gh, gw = maps.shape
-    up = F.interpolate(maps, size=(gh * patch_size[0], gw * patch_size[1]), mode="bilinear",
-                       align_corners=False)
-    flat = up.flatten(2)
-    lo = flat.min(-1).values[..., None, None]
-    hi = flat.max(-1).values[..., None, None]
-    rng = hi - lo
-    out = torch.where(rng > 0, (up - lo) / torch.where(rng > 0, rng, torch.ones_like(rng)), torch.zeros_like(up))
+    out = F.interpolate(maps, size=(gh * patch_size[0], gw * patch_size[1]), mode="bilinear",
+                        align_corners=False)
+    if normalize:
+        flat = out.flatten(2)
+        lo = flat.min(-1).values[..., None, None]
+        hi = flat.max(-1).values[..., None, None]
+        rng = hi - lo
+        out = torch.where(rng > 0, (out - lo) / torch.where(rng > 0, rng, torch.ones_like(rng)),
+                          torch.zeros_like(out))
     if K == 1 and num_queries > 1:
         out = out.expand(B, num_queries, *out.shape[-2:])
     return out.to(torch.float32).contiguous()
+
+
+def explain(
+    model: nn.Module,
+    images: Tensor,
+    text_embeddings: Tensor,
+    *,
+    method: str = "legrad",
+    layers: Layers = None,
+    normalize: bool = True,
+    embeddings: bool = False,
+    **options: Any,
+) -> Explanation:
+    """:func:`compute_maps` with extras for pipelines: ``normalize=False`` returns raw upsampled maps,
+    ``embeddings=True`` also returns the image embeddings ``[B,E]`` (from the same forward pass when
+    the method's pass reaches the end of the tower, else from one more)."""
+    spec = get_method(method)
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise InputError(f"method {method!r} does not take option(s) {unknown}; it accepts "
+                         f"{list(spec.options) or 'no options'}")
+    # Gradient-based methods build a graph of their own, whatever the caller's grad mode is
+    # (no_grad or inference_mode); LeGrad runs without autograd.
+    with torch.inference_mode(False):
+        if isinstance(images, Tensor) and images.is_inference():
+            images = images.clone()
+        if isinstance(text_embeddings, Tensor) and text_embeddings.is_inference():
+            text_embeddings = text_embeddings.clone()
+        tower = read_tower(model)
+        images, text = prepare_inputs(tower, images, text_embeddings)
+        layer_ids = resolve_layers(layers, len(tower.blocks), spec.default_layers)
+        out = spec.fn(ExplainInput(model, tower, images, text, layer_ids, embeddings), **options)
+        if not isinstance(out, MethodOutput):
+            out = MethodOutput(out)
+        if out.final:
+            if not normalize:
+                raise InputError(f"method {method!r} with these options returns normalised maps only")
+            maps = out.maps
+        else:
+            maps = finalize_maps(out.maps, tower.patch_size, text.shape[0], normalize)
+        emb = None
+        if embeddings:
+            emb = out.embedding
+            if emb is None:
+                with torch.no_grad():
+                    emb = tower.encode(images)
+            emb = emb.detach()
+        return Explanation(maps, emb)
 
 
 def compute_maps(
@@ -231,22 +293,4 @@ def compute_maps(
     Returns:
         ``[B,K,H,W]`` float32 maps in [0,1] at the input resolution, on the model's device.
     """
-    spec = get_method(method)
-    unknown = sorted(set(options) - set(spec.options))
-    if unknown:
-        raise InputError(f"method {method!r} does not take option(s) {unknown}; it accepts "
-                         f"{list(spec.options) or 'no options'}")
-    # Gradient-based methods build a graph of their own, whatever the caller's grad mode is
-    # (no_grad or inference_mode); LeGrad runs without autograd.
-    with torch.inference_mode(False):
-        if isinstance(images, Tensor) and images.is_inference():
-            images = images.clone()
-        if isinstance(text_embeddings, Tensor) and text_embeddings.is_inference():
-            text_embeddings = text_embeddings.clone()
-        tower = read_tower(model)
-        images, text = prepare_inputs(tower, images, text_embeddings)
-        layer_ids = resolve_layers(layers, len(tower.blocks), spec.default_layers)
-        out = spec.fn(ExplainInput(model, tower, images, text, layer_ids), **options)
-        if isinstance(out, FinalMaps):
-            return out.maps
-        return finalize_maps(out, tower.patch_size, text.shape[0])
+    return explain(model, images, text_embeddings, method=method, layers=layers, **options).maps

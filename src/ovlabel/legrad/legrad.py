@@ -77,12 +77,14 @@ def legrad_grid_maps(
     *,
     chunk_size: int | None = None,
     batched: bool | None = None,
+    final_tokens: list | None = None,
 ) -> Tensor:
     """LeGrad maps on the token grid, summed over ``layers``: ``[B, K, gh, gw]`` float32, unnormalised.
 
     ``images`` are in the tower's dtype and device, ``text`` ``[K, E]`` unit rows in the same dtype.
     ``batched`` selects how ``∂s/∂A`` is reduced (see :func:`relu_column_sums`); by default looped on
-    CPU and batched elsewhere. Both give the same maps.
+    CPU and batched elsewhere. Both give the same maps. When ``final_tokens`` is a list and the last
+    block was run, the final tokens are appended to it (the image embedding comes for free).
     """
     if batched is None:
         batched = images.device.type != "cpu"
@@ -97,6 +99,8 @@ def legrad_grid_maps(
             if i in selected:
                 acc += _layer_map(tower, blk, cache, z, text, chunk_size, batched)
             x = z
+        if final_tokens is not None and max(layers) == len(tower.blocks) - 1:
+            final_tokens.append(x)
         return acc.reshape(B, K, *grid)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import InputError
 from . import baselines, lrp
-from .explain import ExplainInput, FinalMaps, finalize_maps, register_method
+from .explain import ExplainInput, MethodOutput, finalize_maps, register_method
 from .legrad import legrad_grid_maps
 
 Tensor = torch.Tensor
@@ -24,7 +24,7 @@ EMPTY_PROMPT_THRESHOLD = 0.8
     "summed over blocks (default last 2). Per query ≈0.07x a forward (last 2), ≈0.45x (all), ViT-B-16.",
 )
 def legrad(inp: ExplainInput, *, chunk_size: int | None = None, batched: bool | None = None,
-           empty_prompt: Tensor | None = None) -> Tensor | FinalMaps:
+           empty_prompt: Tensor | None = None) -> MethodOutput:
     """LeGrad. One forward pass per image batch serves all queries; per query and selected block the
     cost is the closed-form backward of the rest of that block (see :mod:`ovlabel.legrad.legrad`).
 
@@ -39,12 +39,19 @@ def legrad(inp: ExplainInput, *, chunk_size: int | None = None, batched: bool | 
                              f"got {getattr(empty_prompt, 'shape', type(empty_prompt).__name__)}")
         e = empty_prompt.to(device=text.device, dtype=text.dtype)
         text = torch.cat([text, (e / e.norm()).unsqueeze(0)])
-    grid = legrad_grid_maps(inp.tower, inp.images, text, inp.layers, chunk_size=chunk_size, batched=batched)
+    tokens: list = []
+    grid = legrad_grid_maps(inp.tower, inp.images, text, inp.layers, chunk_size=chunk_size, batched=batched,
+                            final_tokens=tokens if inp.want_embedding else None)
+    embedding = None
+    if tokens:
+        with torch.no_grad():
+            embedding = inp.tower.embedding(tokens[0])
     if empty_prompt is None:
-        return grid
+        return MethodOutput(grid, embedding=embedding)
     maps = finalize_maps(grid, inp.tower.patch_size, text.shape[0])
     maps, empty = maps[:, :-1], maps[:, -1:]
-    return FinalMaps(torch.where(empty > EMPTY_PROMPT_THRESHOLD, torch.zeros_like(maps), maps).contiguous())
+    corrected = torch.where(empty > EMPTY_PROMPT_THRESHOLD, torch.zeros_like(maps), maps).contiguous()
+    return MethodOutput(corrected, final=True, embedding=embedding)
 
 
 @register_method(

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from ..config import Config, load_config
 from ..errors import CocoFormatError, InputError
+from ..export.categories import Categories, load_categories
 from ..export.coco import load_coco
 from ..export.heatmaps import list_heatmap_files, load_heatmaps
 from ..export.records import RecordWriter, finalize
 from ..postprocess import Postprocessor
-from .categories import Categories, load_categories
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Generated datasets with exact ground truth (the offline demo and quality benchmark)."""

@@ -1,0 +1,102 @@
+"""Text queries: names, prompt templates, synonyms, background and negative prompts → text embeddings.
+
+Each class embedding is the normalised mean of the normalised embeddings of every (name or synonym) ×
+template prompt — the prompt ensemble of CLIP's zero-shot classifier. Background and negative prompts
+are embedded the same way; they compete in the presence softmax and are never emitted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..export.categories import Categories
+
+SINGLE_TEMPLATE = ("a photo of a {}.",)
+
+
+def imagenet_templates() -> tuple[str, ...]:
+    """open_clip's 80 OpenAI ImageNet templates, as format strings."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+
+
+def resolve_templates(templates) -> tuple[str, ...]:
+    if templates == "single":
+        return SINGLE_TEMPLATE
+    if templates == "imagenet":
+        return imagenet_templates()
+    return tuple(templates)
+
+
+@dataclass(frozen=True)
+class QuerySet:
+    categories: Categories
+    templates: tuple[str, ...]
+    synonyms: dict[str, tuple[str, ...]]
+    background: tuple[str, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.categories.names
+
+    def prompts(self, name: str) -> list[str]:
+        return [t.format(n) for n in (name, *self.synonyms.get(name, ())) for t in self.templates]
+
+    def describe(self) -> dict:
+        return {"names": list(self.names), "ids": list(self.categories.ids), "templates": list(self.templates),
+                "synonyms": {k: list(v) for k, v in self.synonyms.items()}, "background": list(self.background)}
+
+
+def build_queries(cfg, categories: Categories | None = None, names: list[str] | None = None) -> QuerySet:
+    """From the ``queries`` config section and the run's category source (a COCO ground truth or a
+    categories file keep their ids; plain names get 1..K in order)."""
+    if categories is None:
+        names = list(names or cfg.names)
+        if not names:
+            raise ConfigError("no queries: pass --queries a b c, --queries-file FILE, --coco-gt GT.json, or set "
+                              "queries.names in the config")
+        blank = [n for n in names if not str(n).strip()]
+        if blank:
+            raise ConfigError("a query is empty; every query needs a name")
+        categories = Categories.from_names([str(n).strip() for n in names])
+    unknown = sorted(set(cfg.synonyms) - set(categories.names))
+    if unknown:
+        raise ConfigError(f"queries.synonyms has entries for {unknown}, which are not queries "
+                          f"({', '.join(categories.names[:10])}…)")
+    return QuerySet(categories, resolve_templates(cfg.templates),
+                    {k: tuple(v) for k, v in cfg.synonyms.items()},
+                    tuple(cfg.background) + tuple(cfg.negatives))
+
+
+@torch.no_grad()
+def encode_prompts(model, tokenizer, prompts: list[str], device: torch.device, batch: int = 256) -> torch.Tensor:
+    out = []
+    for i in range(0, len(prompts), batch):
+        tokens = tokenizer(prompts[i : i + batch]).to(device)
+        out.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_queries(model, tokenizer, qs: QuerySet, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Class embeddings ``[K,E]`` (ensembles) and background embeddings ``[M,E]`` (or ``None``), float32."""
+    per_class = [qs.prompts(n) for n in qs.names]
+    flat = [p for ps in per_class for p in ps]
+    emb = encode_prompts(model, tokenizer, flat, device)
+    out, i = [], 0
+    for ps in per_class:
+        out.append(F.normalize(emb[i : i + len(ps)].mean(0), dim=-1))
+        i += len(ps)
+    text = torch.stack(out)
+    background = None
+    if qs.background:
+        bg = [[t.format(b) for t in qs.templates] for b in qs.background]
+        be = encode_prompts(model, tokenizer, [p for ps in bg for p in ps], device)
+        background = torch.stack([F.normalize(be[j * len(qs.templates) : (j + 1) * len(qs.templates)].mean(0), dim=-1)
+                                  for j in range(len(bg))])
+    return text, background
