@@ -67,7 +67,7 @@ def collect_inputs(inputs: list[str | Path]) -> tuple[list[ImageItem], list[str]
                 else:
                     ignored.append(str(f))
         elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES and not _is_image(p):
-            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            for line in p.read_text(encoding="utf-8").splitlines():
                 line = line.strip()
                 if not line or line.startswith("#"):
                     continue

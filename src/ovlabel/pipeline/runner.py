@@ -364,7 +364,8 @@ class Pipeline:
             "ovlabel": __version__,
             "versions": {k: str(v) for k, v in {
                 "python": platform.python_version(), "torch": torch.__version__, "open_clip": open_clip.__version__,
-                "timm": timm.__version__, "numpy": np.__version__, "pycocotools": _dist_version("pycocotools")}.items()},
+                "timm": timm.__version__, "numpy": np.__version__,
+                "pycocotools": _dist_version("pycocotools")}.items()},
             "command": command if command is not None else " ".join(sys.argv),
             "start_time": started,
             "shard": f"{shard[0]}/{shard[1]}",
