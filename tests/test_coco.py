@@ -279,3 +279,21 @@ def test_bad_ground_truth_and_inputs(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["postprocess", "--heatmaps", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "no .npz heatmap files" in capsys.readouterr().err
+
+
+def test_overlay_drawing():
+    from ovlabel.export.overlays import draw_overlay
+
+    masks = np.zeros((2, 40, 60), dtype=bool)
+    masks[0, 5:20, 10:30] = True
+    masks[1, 25:35, 40:55] = True
+    d = Detections(masks, [0.8, 0.4], [3, 7], ("red circle", "blue star"))
+    img = np.full((40, 60, 3), 100, np.uint8)
+    out = draw_overlay(img, d, np.random.default_rng(0).random((2, 40, 60)), ("red circle", "blue star"))
+    assert out.dtype == np.uint8 and out.shape[0] == 320  # enlarged ×8 for readable labels
+    assert out.shape[1] > 2 * 480  # image panel + gap + heatmap panel
+    left = out[:, :480]
+    assert (left[8 * 12, 8 * 20] != 100).any()  # inside the first mask: tinted
+    assert (left[8 * 38, 8 * 5] == 100).all()  # background untouched
+    big = draw_overlay(np.zeros((400, 500, 3), np.uint8), Detections.empty(400, 500))
+    assert big.shape == (400, 500, 3)

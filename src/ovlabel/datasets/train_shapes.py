@@ -2,7 +2,7 @@
 
     ovlabel train-demo --out runs/shapes --minutes 30 --seed 0
 
-A small open_clip CLIP (ViT tower: 64×64 input, patch 8 → 8×8 grid, average pooling; small text tower
+A small open_clip CLIP (ViT tower: 64×64 input, patch 8 → 8×8 grid, CLS-token pooling; small text tower
 with the standard open_clip tokenizer) trained contrastively with the pairwise sigmoid loss of SigLIP:
 every image is scored against the prompts of all 36 classes (a random template per class and step),
 positives being the classes present in the scene — a multi-label contrastive objective. A pool of
@@ -32,7 +32,7 @@ MODEL_CONFIG = {
     "embed_dim": 128,
     "init_logit_bias": -5.0,
     "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8,
-                   "pool_type": "avg", "final_ln_after_pool": True},
+                   "pool_type": "tok"},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 # The model's own normalisation (recorded in the config as open_clip's preprocess_cfg).
@@ -70,8 +70,8 @@ def zero_shot_accuracy(model, tokenizer, images: np.ndarray, targets: np.ndarray
     return correct / len(images)
 
 
-def train(out_dir: str | Path, *, steps: int = 2400, minutes: float | None = None, seed: int = 0, pool: int = 50000,
-          batch: int = 256, lr: float = 1e-3, threads: int | None = None) -> dict:
+def train(out_dir: str | Path, *, steps: int = 5600, minutes: float | None = None, seed: int = 0, pool: int = 50000,
+          batch: int = 128, lr: float = 1e-3, threads: int | None = None) -> dict:
     """Train for ``steps`` (reproducible from the seed) and save the model into ``out_dir``. ``minutes``
     instead stops on wall time (not reproducible; for quick experiments)."""
     import open_clip
@@ -150,3 +150,30 @@ def train(out_dir: str | Path, *, steps: int = 2400, minutes: float | None = Non
     (out_dir / "training.json").write_text(json.dumps(summary, indent=2))
     log.info("done: %d steps, zero-shot %.3f, sha256 %s", step, acc, digest)
     return summary
+
+
+def ship(run_dir: str | Path, package_models_dir: str | Path | None = None) -> dict:
+    """Copy a trained model into the package (``src/ovlabel/models``) and record it in ``MANIFEST.json``
+    (weights file, sha256, preprocessing, how it was trained)."""
+    import shutil
+
+    from ..pipeline.models import MANIFEST, SHIPPED_DIR
+
+    run_dir = Path(run_dir)
+    dest = Path(package_models_dir) if package_models_dir else SHIPPED_DIR
+    dest.mkdir(parents=True, exist_ok=True)
+    summary = json.loads((run_dir / "training.json").read_text())
+    shutil.copyfile(run_dir / f"{MODEL_NAME}.safetensors", dest / f"{MODEL_NAME}.safetensors")
+    (dest / f"{MODEL_NAME}.json").write_text(json.dumps(MODEL_CONFIG, indent=2) + "\n")
+    manifest_path = dest / MANIFEST.name
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest[MODEL_NAME] = {
+        "weights": f"{MODEL_NAME}.safetensors",
+        "sha256": hashlib.sha256((dest / f"{MODEL_NAME}.safetensors").read_bytes()).hexdigest(),
+        "mean": list(MEAN), "std": list(STD), "image_size": 64, "classes": list(CLASSES),
+        "training": {k: v for k, v in summary.items() if k not in ("history", "sha256")},
+        "command": f"ovlabel train-demo --out RUN --steps {summary['steps']} --batch {summary['batch']} "
+                   f"--pool {summary['pool']} --lr {summary['lr']} --seed {summary['seed']}",
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest[MODEL_NAME]

@@ -52,9 +52,10 @@ def _empty_results(gt: COCO) -> COCO:
 
 def evaluate(gt: COCO | str | Path, results: list[dict] | str | Path,
              iou_types: tuple[str, ...] | list[str] = IOU_TYPES, *, verbose: bool = False,
-             source: str = "results") -> dict:
+             source: str = "results", curves: bool = False) -> dict:
     """``{iou_type: {"stats": {name: value}, "per_class": {category name: AP}}}`` (values as pycocotools
-    computes them, in [0,1]; -1 where pycocotools has no data)."""
+    computes them, in [0,1]; -1 where pycocotools has no data). ``curves`` adds ``"pr50"``: per category,
+    the precision at pycocotools' 101 recall points at IoU 0.5 (area all, 100 detections)."""
     if not isinstance(gt, COCO):
         gt = load_coco(gt)
     if isinstance(results, (str, Path)):
@@ -79,6 +80,9 @@ def evaluate(gt: COCO | str | Path, results: list[dict] | str | Path,
             p = p[p > -1]
             per_class[gt.cats[cat_id]["name"]] = float(np.mean(p)) if p.size else float("nan")
         out[iou_type] = {"stats": {n: float(v) for n, v in zip(STAT_NAMES, ev.stats)}, "per_class": per_class}
+        if curves:
+            out[iou_type]["pr50"] = {gt.cats[c]["name"]: precision[0, :, k, 0, -1].tolist()
+                                     for k, c in enumerate(ev.params.catIds)}
     return out
 
 

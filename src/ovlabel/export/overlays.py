@@ -22,10 +22,24 @@ def colour(i: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
+MIN_SIDE = 320  # small images are enlarged (nearest neighbour) so that labels stay readable
+
+
+def _enlarge(a: np.ndarray, f: int) -> np.ndarray:
+    return a if f == 1 else np.repeat(np.repeat(a, f, axis=0), f, axis=1)
+
+
 def draw_overlay(image: np.ndarray, dets: Detections, heatmaps: np.ndarray | None = None,
                  queries: tuple[str, ...] = ()) -> np.ndarray:
     """RGB ``uint8``: masks tinted per category, boxes, ``label score`` tags; with ``heatmaps`` a second
-    panel shows the (jet-coloured) map of the best detection's query, or of the first query."""
+    panel shows the (jet-coloured) map of the best detection's query, or of the first query. Images
+    smaller than 320 px are enlarged by an integer factor first."""
+    f = max(1, int(np.ceil(MIN_SIDE / max(1, min(image.shape[:2])))))
+    image = _enlarge(image, f)
+    if f > 1:
+        dets = Detections(_enlarge(dets.masks.transpose(1, 2, 0), f).transpose(2, 0, 1), dets.scores,
+                          dets.category_ids, dets.labels)
+        heatmaps = None if heatmaps is None else _enlarge(np.asarray(heatmaps).transpose(1, 2, 0), f).transpose(2, 0, 1)
     canvas = image.astype(np.float32).copy()
     for i in range(len(dets) - 1, -1, -1):
         c = np.array(colour(int(dets.category_ids[i])), dtype=np.float32)
