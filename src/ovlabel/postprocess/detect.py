@@ -115,23 +115,28 @@ class Postprocessor:
             raise InputError(f"presence must be {K} finite values in [0,1], got {pres.tolist()[:8]}")
         min_area = max(int(self.min_area), int(np.ceil(self.min_area_fraction * H * W)))
 
-        parts = []
+        masks: list[np.ndarray] = []
+        info: list[tuple[int, float, float]] = []  # (query, presence, evidence) per instance
         for k in range(K):
             if pres[k] < self.presence_threshold:
                 continue
             h = minmax(heat[k].astype(np.float32))
             spec = self.class_thresholds.get(labels[k], self.threshold)
-            masks = heat_to_instances(h, spec, instances=self.instances, min_area=min_area,
-                                      opening=self.opening, closing=self.closing, fill_holes=self.fill_holes)
-            if not masks:
-                continue
-            ev = np.array([mask_evidence(h, m) for m in masks])
-            scores = np.array([combine(pres[k], e) for e in ev])
-            parts.append(Detections(np.stack(masks), scores, np.full(len(masks), int(category_ids[k])),
-                                    (labels[k],) * len(masks), presence=np.full(len(masks), pres[k]), evidence=ev))
-        dets = Detections.concatenate(parts, H, W)
-        if len(dets):
-            dets = dets.select(dets.scores >= self.score_threshold)
+            for m in heat_to_instances(h, spec, instances=self.instances, min_area=min_area, opening=self.opening,
+                                       closing=self.closing, fill_holes=self.fill_holes):
+                masks.append(m)
+                info.append((k, float(pres[k]), mask_evidence(h, m)))
+        scores = np.array([combine(p, e) for _, p, e in info])
+        # order and filter on the small arrays; stack only the masks that are kept
+        order = [int(i) for i in np.argsort(-scores, kind="stable") if scores[i] >= self.score_threshold]
+        if self.nms is None:
+            order = order[: self.max_detections]
+        if not order:
+            return Detections.empty(H, W)
+        q = [info[i][0] for i in order]
+        dets = Detections(np.stack([masks[i] for i in order]), scores[order], [int(category_ids[k]) for k in q],
+                          tuple(labels[k] for k in q), presence=[info[i][1] for i in order],
+                          evidence=[info[i][2] for i in order])
         if self.nms is not None:
-            dets = nms(dets, self.nms_iou, self.nms)
-        return dets.top(self.max_detections)
+            dets = nms(dets, self.nms_iou, self.nms).select(slice(0, self.max_detections))
+        return dets

@@ -9,7 +9,7 @@ Thresholds (``ThresholdSpec(method, value)``), each applied to one ``[H,W]`` hea
 * ``quantile``: ``t`` = the ``value`` quantile of the map (e.g. 0.9 keeps the hottest 10 %);
 * ``max_fraction``: ``t = value · max(map)``.
 
-Morphology uses OpenCV (elliptic kernels) and SciPy's hole filling; components are OpenCV's
+Morphology and hole filling use OpenCV (elliptic kernels, flood fill); components are OpenCV's
 8-connected components.
 """
 
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 from ..errors import InputError
@@ -68,10 +67,19 @@ def clean_mask(mask: np.ndarray, *, opening: int = 0, closing: int = 0, fill_hol
         out = cv2.morphologyEx(out, cv2.MORPH_OPEN, _ellipse(opening))
     if closing > 1:
         out = cv2.morphologyEx(out, cv2.MORPH_CLOSE, _ellipse(closing))
-    out = out.astype(bool)
     if fill_holes:
-        out = ndimage.binary_fill_holes(out)
-    return out
+        out = fill_mask_holes(out)
+    return out.astype(bool)
+
+
+def fill_mask_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill the holes of a binary mask (background regions not connected to the border, 4-connected —
+    the same result as ``scipy.ndimage.binary_fill_holes``), with OpenCV's flood fill."""
+    h, w = mask.shape
+    background = np.ones((h + 2, w + 2), dtype=np.uint8)
+    background[1:-1, 1:-1] = mask == 0
+    cv2.floodFill(background, None, (0, 0), 2, flags=4)
+    return (background[1:-1, 1:-1] != 2).astype(np.uint8)
 
 
 def components(mask: np.ndarray, min_area: int = 0) -> list[np.ndarray]:
