@@ -222,6 +222,16 @@ def test_real_architecture_random_init(name):
     assert (ours - ref).abs().max().item() <= 1e-5
 
 
+@pytest.mark.slow
+def test_vit_l_14_adapter_equals_encode_image():
+    model = make_model("ViT-L-14")
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(read_tower(model).encode(images), model.encode_image(images), atol=1e-5, rtol=0)
+    maps = compute_maps(model, torch.randn(1, 3, 224, 168), torch.randn(3, 768))
+    assert maps.shape == (1, 3, 224, 168) and torch.isfinite(maps).all()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_on_cuda(dtype):

@@ -99,7 +99,7 @@ def test_bad_files_are_reported_and_skipped(tmp_path, capsys):
     assert "empty.jpg" in err
 
 
-@pytest.mark.parametrize("case", ["queries", "model", "checkpoint", "outdir", "config", "shard"])
+@pytest.mark.parametrize("case", ["queries", "model", "checkpoint", "outdir", "config", "shard", "coco_and_queries"])
 def test_preflight_errors_stop_before_any_work(tmp_path, capsys, case):
     src = scenes(tmp_path / "in", 2)
     out = tmp_path / "out"
@@ -121,9 +121,14 @@ def test_preflight_errors_stop_before_any_work(tmp_path, capsys, case):
     elif case == "config":
         argv += ["--set", "postprocess.treshold.value=0.3"]
         match = "did you mean 'postprocess.threshold'"
-    else:
+    elif case == "shard":
         argv += ["--shard", "3/3"]
         match = "--shard must be I/N"
+    else:
+        gt = tmp_path / "gt.json"
+        gt.write_text(json.dumps({"images": [], "categories": [{"id": 1, "name": "x"}], "annotations": []}))
+        argv = ["--coco-gt", str(gt), "--images-dir", str(src), "--out", str(out), *BASE, "--queries", "a"]
+        match = "do not also pass --queries"
     err = label(argv, capsys, 2)
     assert match in err
     assert not (out / "records").exists() and not (out / "predictions.json").exists()

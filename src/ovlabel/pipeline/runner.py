@@ -263,6 +263,9 @@ class Pipeline:
                 raise InputError("--coco-gt needs --images-dir (the folder the file names are relative to)")
             if inputs:
                 raise InputError("pass either INPUTS or --coco-gt with --images-dir, not both")
+            if queries or queries_file:
+                raise InputError("--coco-gt brings its own categories (ids kept); do not also pass --queries or "
+                                 "--queries-file")
             gt = load_coco(coco_gt)
             categories = Categories.from_coco(gt.dataset["categories"])
             items = coco_inputs(gt, images_dir)
