@@ -26,7 +26,7 @@ from ovlabel.pipeline.offline import postprocess_heatmaps
 from ovlabel.postprocess import Detections
 
 ORACLE = ["--set", "postprocess.threshold.method=fixed", "--set", "postprocess.threshold.value=0.5",
-          "--set", "postprocess.min_area=4"]
+          "--set", "postprocess.min_area=4", "--set", "postprocess.min_area_fraction=0"]
 
 
 @pytest.fixture
@@ -145,7 +145,8 @@ def test_polygon_dataset_and_png_masks(tmp_path, gt):
     gt_path, truth = gt
     hm = write_oracle_heatmaps(tmp_path / "hm", truth, blur=0.7)
     postprocess_heatmaps(hm, tmp_path / "out", gt=gt_path,
-                         config={"export": {"segmentation": "polygon"}, "postprocess": {"min_area": 4}})
+                         config={"export": {"segmentation": "polygon"},
+                                 "postprocess": {"min_area": 4, "min_area_fraction": 0}})
     _, data = check_invariants(tmp_path / "out", {3, 7, 12, 20})
     assert any(isinstance(a["segmentation"], list) for a in data["annotations"])
     masks = np.zeros((3, 10, 10), dtype=bool)

@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-demo", help="train the tiny shapes CLIP that ships with ovlabel")
     p.add_argument("--out", required=True, help="output folder (weights, config, training log)")
-    p.add_argument("--steps", type=int, default=5600, help="optimisation steps (default 5600, ~35 min on 2 cores)")
+    p.add_argument("--steps", type=int, default=8000, help="optimisation steps (default 8000, ~45 min on 2 cores)")
     p.add_argument("--minutes", type=float, help="stop on wall time instead (not reproducible)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pool", type=int, default=50000, help="generated training scenes")

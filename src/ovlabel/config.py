@@ -83,8 +83,8 @@ class QueriesConfig(_Section):
 
 
 class ThresholdConfig(_Section):
-    method: Literal["fixed", "mean", "otsu", "quantile", "max_fraction"] = "mean"
-    value: float | None = None
+    method: Literal["fixed", "mean", "otsu", "quantile", "max_fraction"] = "max_fraction"
+    value: float | None = 0.5
 
     @model_validator(mode="after")
     def _value(self):
@@ -98,7 +98,7 @@ class PostprocessConfig(_Section):
     class_thresholds: dict[str, ThresholdConfig] = {}
     instances: Literal["components", "class"] = "components"
     min_area: int = Field(default=16, ge=0)
-    min_area_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    min_area_fraction: float = Field(default=0.005, ge=0.0, le=1.0)
     opening: int = Field(default=0, ge=0)
     closing: int = Field(default=0, ge=0)
     fill_holes: bool = True

@@ -70,7 +70,7 @@ def zero_shot_accuracy(model, tokenizer, images: np.ndarray, targets: np.ndarray
     return correct / len(images)
 
 
-def train(out_dir: str | Path, *, steps: int = 5600, minutes: float | None = None, seed: int = 0, pool: int = 50000,
+def train(out_dir: str | Path, *, steps: int = 8000, minutes: float | None = None, seed: int = 0, pool: int = 50000,
           batch: int = 128, lr: float = 1e-3, threads: int | None = None) -> dict:
     """Train for ``steps`` (reproducible from the seed) and save the model into ``out_dir``. ``minutes``
     instead stops on wall time (not reproducible; for quick experiments)."""

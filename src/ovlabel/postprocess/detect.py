@@ -52,11 +52,11 @@ class Postprocessor:
     the image area; the larger applies. ``class_thresholds`` overrides ``threshold`` per label.
     """
 
-    threshold: ThresholdSpec = ThresholdSpec("mean")
+    threshold: ThresholdSpec = ThresholdSpec("max_fraction", 0.5)
     class_thresholds: Mapping[str, ThresholdSpec] = field(default_factory=dict)
     instances: str = "components"
     min_area: int = 16
-    min_area_fraction: float = 0.0
+    min_area_fraction: float = 0.005
     opening: int = 0
     closing: int = 0
     fill_holes: bool = True
