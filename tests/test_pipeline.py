@@ -288,6 +288,28 @@ def test_python_api(tmp_path):
     assert summary["counts"]["labelled"] == 1 and (tmp_path / "out" / "predictions.json").exists()
 
 
+def test_shift_averaging():
+    """explainer.shifts = 2: the maps are the mean of the maps at the four half-patch offsets."""
+    from ovlabel.legrad.explain import explain
+
+    base = {"model.name": TINY, "model.pretrained": "none", "preprocess.size": 32}
+    plain = Pipeline.from_config(None, **base)
+    shifted = Pipeline.from_config(None, **base, **{"explainer.shifts": 2})
+    x = torch.randn(3, 32, 48)
+    _, text, _ = plain.queries(["a", "b"])
+    m1, e1 = plain._explain([x], text)
+    m2, e2 = shifted._explain([x], text)
+    assert m1[0].shape == m2[0].shape == (2, 32, 48) and torch.allclose(e1[0], e2[0])
+    expected = 0
+    for dy, dx in [(0, 0), (0, 4), (4, 0), (4, 4)]:
+        inp = x[None] if (dy, dx) == (0, 0) else torch.zeros(1, 3, 40, 56)
+        if (dy, dx) != (0, 0):
+            inp[0, :, dy : dy + 32, dx : dx + 48] = x
+        expected = expected + explain(plain.model.model, inp, text).maps[0, :, dy : dy + 32, dx : dx + 48]
+    assert torch.allclose(m2[0], expected / 4, atol=1e-6)
+    assert not torch.allclose(m1[0], m2[0])
+
+
 def test_tiling_large_images(tmp_path):
     pipe = Pipeline.from_config(None, **{"model.name": TINY, "model.pretrained": "none", "preprocess.size": 32,
                                          "preprocess.tile.enabled": True, "preprocess.tile.min_scale": 2.0})

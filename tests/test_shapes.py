@@ -93,12 +93,12 @@ def test_demo_end_to_end(tmp_path, capsys):
         assert (demo / "figures" / f).stat().st_size > 1000
     metrics = json.loads((demo / "metrics.json").read_text())
     assert 0 <= metrics["segm"]["AP"] <= 1 and 0 <= metrics["pointing_game"] <= 1
-    assert metrics["pointing_game"] > metrics["random_object_baseline"]
+    assert metrics["pointing_game"] >= metrics["random_object_baseline"] + 0.1
     assert (demo / "run" / "predictions.json").exists() and (demo / "run" / "dataset.json").exists()
     assert len(list((demo / "run" / "overlays").glob("*.jpg"))) == 12
 
 
-SHIPPED_MIN_ZERO_SHOT = 0.85
+SHIPPED_MIN_ZERO_SHOT = 0.9
 
 
 @pytest.mark.parametrize("seed", [0])

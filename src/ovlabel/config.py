@@ -47,6 +47,7 @@ class ExplainerConfig(_Section):
     layers: Union[Literal["all", "last"], int, list[int], None] = None  # noqa: UP007
     chunk_size: int | None = Field(default=None, ge=1)
     empty_prompt: bool = False  # SigLIP correction: suppress what "a photo of a" lights up
+    shifts: int = Field(default=1, ge=1, le=4)  # s > 1: average maps over s×s sub-patch offsets of the input
 
 
 class TileConfig(_Section):

@@ -178,7 +178,38 @@ class Pipeline:
 
     # -------------------------------------------------------------------------------------- inference
     def _explain(self, tensors: list[torch.Tensor], text: torch.Tensor, raw: bool = False):
-        """Maps ``[K,H,W]`` and embeddings for input tensors, batched by shape (order kept)."""
+        """Maps ``[K,H,W]`` and embeddings for input tensors, batched by shape (order kept).
+
+        With ``explainer.shifts = s > 1`` every input is also explained at the ``s×s − 1`` offsets
+        ``(i·ph/s, j·pw/s)`` (padded top-left by the offset and bottom-right to the next patch) and the
+        maps, shifted back, are averaged: the token grid then samples the image every ``patch/s`` pixels
+        instead of every patch — test-time shift averaging for finer maps, at ``s²`` times the cost.
+        """
+        s = self.cfg.explainer.shifts
+        ph, pw = self.patch
+        offsets = [(i * ph // s, j * pw // s) for i in range(s) for j in range(s)]
+        jobs = []  # (tensor index, offset, input)
+        for n, t in enumerate(tensors):
+            H, W = t.shape[1:]
+            for dy, dx in offsets:
+                if (dy, dx) == (0, 0):
+                    jobs.append((n, (0, 0), t))
+                else:
+                    padded = t.new_zeros(3, H + ph, W + pw)
+                    padded[:, dy : dy + H, dx : dx + W] = t
+                    jobs.append((n, (dy, dx), padded))
+        maps_out, emb_out = self._explain_inputs([j[2] for j in jobs], text, raw)
+        maps: list = [None] * len(tensors)
+        embs: list = [None] * len(tensors)
+        for (n, (dy, dx), _), m, e in zip(jobs, maps_out, emb_out):
+            H, W = tensors[n].shape[1:]
+            m = m[:, dy : dy + H, dx : dx + W]
+            maps[n] = m if maps[n] is None else maps[n] + m
+            if (dy, dx) == (0, 0):
+                embs[n] = e
+        return [m / len(offsets) for m in maps], embs
+
+    def _explain_inputs(self, tensors: list[torch.Tensor], text: torch.Tensor, raw: bool):
         lm = self.model
         ex = self.cfg.explainer
         options: dict = {}
