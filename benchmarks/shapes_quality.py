@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 EXPLAINERS = [
+    ("legrad", -3, "legrad (last 3, preset)"),
     ("legrad", -2, "legrad (last 2)"),
     ("legrad", "all", "legrad (all layers)"),
     ("chefercam", None, "chefercam (last)"),
@@ -30,6 +31,7 @@ THRESHOLDS = [
     ({"method": "otsu"}, "otsu"),
     ({"method": "fixed", "value": 0.5}, "fixed 0.5"),
     ({"method": "quantile", "value": 0.9}, "quantile 0.9"),
+    ({"method": "max_fraction", "value": 0.5}, "max fraction 0.5 (default)"),
     ({"method": "max_fraction", "value": 0.6}, "max fraction 0.6"),
 ]
 

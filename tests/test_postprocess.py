@@ -16,6 +16,7 @@ from ovlabel.postprocess import (
     ThresholdSpec,
     clean_mask,
     components,
+    find_instances,
     heat_to_instances,
     masks_to_boxes,
     nms,
@@ -60,6 +61,20 @@ def test_morphology_and_components():
     assert [p.sum() for p in parts] == [35, 32]  # largest first, the speck dropped
     inst = heat_to_instances(m.astype(np.float32), ThresholdSpec("fixed", 0.5), instances="class", min_area=2)
     assert len(inst) == 1 and inst[0].sum() == 67
+
+
+@pytest.mark.parametrize("instances", ["components", "class"])
+def test_instance_evidence_is_the_mean_heat_inside_each_mask(instances):
+    rng = np.random.default_rng(3)
+    heat = rng.random((40, 50)).astype(np.float32)
+    heat[5:15, 5:20] += 2.0
+    heat[25:35, 30:45] += 1.5
+    found = find_instances(heat, ThresholdSpec("fixed", 1.2), instances=instances, min_area=20)
+    masks = heat_to_instances(heat, ThresholdSpec("fixed", 1.2), instances=instances, min_area=20)
+    assert len(found) == len(masks) == (2 if instances == "components" else 1)
+    expected = [float(heat[m].mean()) for m in masks]
+    assert np.allclose(found.mean(heat), expected, rtol=1e-6)
+    assert found.areas.tolist() == [int(m.sum()) for m in masks]
 
 
 # ---------------------------------------------------------------------------------------- result type

@@ -238,7 +238,7 @@ class Pipeline:
             heat = prep.letterbox.to_original(maps).numpy()
         pres = presence_scores(self.model.model, emb[None], text, bg, self.cfg.postprocess.presence)[0]
         dets = self.postprocessor(heat, qs.names, qs.categories.ids, pres)
-        return ImageResult(dets, heat.astype(np.float32), qs.names, pres)
+        return ImageResult(dets, np.asarray(heat, dtype=np.float32), qs.names, pres)  # no copy when float32
 
     def process(self, batch: list[Prepared], qs: QuerySet, text, bg) -> list[ImageResult | None]:
         """Results for prepared images (``None`` where ``prep.error`` is set)."""

@@ -11,18 +11,21 @@ from pycocotools import mask as mask_utils
 
 from ..errors import InputError
 from .detections import Detections
-from .masks import ThresholdSpec, heat_to_instances
-from .scoring import combine, mask_evidence
+from .masks import Instances, ThresholdSpec, find_instances
+from .scoring import combine
 
 NMS_KINDS = (None, "mask", "box")
 
 
 def minmax(heat: np.ndarray) -> np.ndarray:
     """Per-map min-max to [0,1]; a constant map becomes zeros."""
+    heat = np.asarray(heat, dtype=np.float32)
     lo, hi = float(heat.min()), float(heat.max())
     if hi <= lo:
         return np.zeros_like(heat, dtype=np.float32)
-    return ((heat - lo) / (hi - lo)).astype(np.float32)
+    out = heat - np.float32(lo)
+    out /= np.float32(hi - lo)
+    return out
 
 
 def nms(dets: Detections, iou_threshold: float, kind: str = "mask") -> Detections:
@@ -115,28 +118,30 @@ class Postprocessor:
             raise InputError(f"presence must be {K} finite values in [0,1], got {pres.tolist()[:8]}")
         min_area = max(int(self.min_area), int(np.ceil(self.min_area_fraction * H * W)))
 
-        masks: list[np.ndarray] = []
-        info: list[tuple[int, float, float]] = []  # (query, presence, evidence) per instance
+        # candidates as (query, instances, index, presence, evidence); masks are built only for those kept
+        cands: list[tuple[int, Instances, int, float, float]] = []
         for k in range(K):
             if pres[k] < self.presence_threshold:
                 continue
-            h = minmax(heat[k].astype(np.float32))
+            h = minmax(heat[k])
             spec = self.class_thresholds.get(labels[k], self.threshold)
-            for m in heat_to_instances(h, spec, instances=self.instances, min_area=min_area, opening=self.opening,
-                                       closing=self.closing, fill_holes=self.fill_holes):
-                masks.append(m)
-                info.append((k, float(pres[k]), mask_evidence(h, m)))
-        scores = np.array([combine(p, e) for _, p, e in info])
-        # order and filter on the small arrays; stack only the masks that are kept
+            found = find_instances(h, spec, instances=self.instances, min_area=min_area, opening=self.opening,
+                                   closing=self.closing, fill_holes=self.fill_holes)
+            for j, ev in enumerate(found.mean(h)):
+                cands.append((k, found, j, float(pres[k]), float(ev)))
+        scores = np.array([combine(c[3], c[4]) for c in cands])
         order = [int(i) for i in np.argsort(-scores, kind="stable") if scores[i] >= self.score_threshold]
         if self.nms is None:
             order = order[: self.max_detections]
         if not order:
             return Detections.empty(H, W)
-        q = [info[i][0] for i in order]
-        dets = Detections(np.stack([masks[i] for i in order]), scores[order], [int(category_ids[k]) for k in q],
-                          tuple(labels[k] for k in q), presence=[info[i][1] for i in order],
-                          evidence=[info[i][2] for i in order])
+        kept = [cands[i] for i in order]
+        masks = np.empty((len(kept), H, W), dtype=bool)
+        for out, (_, found, j, _, _) in zip(masks, kept):
+            found.mask(j, out=out)
+        dets = Detections(masks, scores[order],
+                          [int(category_ids[c[0]]) for c in kept], tuple(labels[c[0]] for c in kept),
+                          presence=[c[3] for c in kept], evidence=[c[4] for c in kept])
         if self.nms is not None:
             dets = nms(dets, self.nms_iou, self.nms).select(slice(0, self.max_detections))
         return dets

@@ -28,7 +28,8 @@ def encode_masks(masks: np.ndarray) -> list[dict]:
     """Binary masks ``[N,H,W]`` → compressed RLEs (``counts`` as bytes, as pycocotools returns them)."""
     if masks.shape[0] == 0:
         return []
-    return mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    fortran = np.asfortranarray(masks.transpose(1, 2, 0))  # one copy; [H,W,N] column-major as pycocotools needs
+    return mask_utils.encode(fortran.view(np.uint8) if fortran.dtype == bool else fortran.astype(np.uint8, order="F"))
 
 
 def masks_to_boxes(masks: np.ndarray) -> np.ndarray:

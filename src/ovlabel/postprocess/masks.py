@@ -62,14 +62,21 @@ def _ellipse(size: int) -> np.ndarray:
 
 def clean_mask(mask: np.ndarray, *, opening: int = 0, closing: int = 0, fill_holes: bool = False) -> np.ndarray:
     """Morphological opening then closing (kernel diameters in pixels, 0 = off) and hole filling."""
-    out = mask.astype(np.uint8)
+    out = _as_u8(mask)
     if opening > 1:
         out = cv2.morphologyEx(out, cv2.MORPH_OPEN, _ellipse(opening))
     if closing > 1:
         out = cv2.morphologyEx(out, cv2.MORPH_CLOSE, _ellipse(closing))
     if fill_holes:
         out = fill_mask_holes(out)
-    return out.astype(bool)
+    return out.view(bool) if out.dtype == np.uint8 and out.flags.c_contiguous else out.astype(bool)
+
+
+def _as_u8(mask: np.ndarray) -> np.ndarray:
+    """A 0/1 ``uint8`` view of a boolean mask (no copy), or a converted copy of any other mask."""
+    if mask.dtype == bool and mask.flags.c_contiguous:
+        return mask.view(np.uint8)
+    return (mask != 0).astype(np.uint8)
 
 
 def fill_mask_holes(mask: np.ndarray) -> np.ndarray:
@@ -82,14 +89,77 @@ def fill_mask_holes(mask: np.ndarray) -> np.ndarray:
     return (background[1:-1, 1:-1] != 2).astype(np.uint8)
 
 
+@dataclass(frozen=True)
+class Instances:
+    """The instances of one thresholded heatmap, kept as a component label image: masks are built only
+    for the instances that are emitted (``mask(i)``), scores come from one pass over the label image."""
+
+    labels: np.ndarray  # int32 [H,W], OpenCV component labels (0 = background)
+    groups: tuple[tuple[int, ...], ...]  # component labels of each instance; largest instance first
+    areas: np.ndarray  # pixels per instance
+    stats: np.ndarray  # OpenCV stats per component label: left, top, width, height, area
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def mask(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The boolean ``[H,W]`` mask of instance ``i`` (written into ``out`` when given)."""
+        g = self.groups[i]
+        out = np.empty(self.labels.shape, dtype=bool) if out is None else out
+        if len(g) == 1:
+            return np.equal(self.labels, g[0], out=out)
+        out[...] = np.isin(self.labels, g)
+        return out
+
+    def mean(self, heat: np.ndarray) -> np.ndarray:
+        """Mean of ``heat`` inside each instance (``[len]``), each component read within its bounding box."""
+
+        def total(c: int) -> float:
+            x, y, w, h = (int(v) for v in self.stats[c, :4])
+            return float(heat[y : y + h, x : x + w][self.labels[y : y + h, x : x + w] == c].sum(dtype=np.float64))
+
+        return np.array([sum(total(c) for c in g) for g in self.groups], dtype=np.float64) / self.areas
+
+
+def _label(mask: np.ndarray, min_area: int) -> tuple[np.ndarray, list[int], np.ndarray]:
+    """8-connected component labels, the labels with at least ``min_area`` pixels (largest first), stats."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(_as_u8(mask), connectivity=8)
+    area = stats[:, cv2.CC_STAT_AREA]
+    keep = [i for i in range(1, n) if area[i] >= max(1, min_area)]
+    keep.sort(key=lambda i: -area[i])
+    return labels, keep, stats
+
+
 def components(mask: np.ndarray, min_area: int = 0) -> list[np.ndarray]:
     """8-connected components of a binary mask with at least ``min_area`` pixels, largest first."""
     if not mask.any():
         return []
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    keep = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= max(1, min_area)]
-    keep.sort(key=lambda i: -stats[i, cv2.CC_STAT_AREA])
+    labels, keep, _ = _label(mask, min_area)
     return [labels == i for i in keep]
+
+
+def find_instances(
+    heat: np.ndarray,
+    threshold: ThresholdSpec,
+    *,
+    instances: str = "components",
+    min_area: int = 0,
+    opening: int = 0,
+    closing: int = 0,
+    fill_holes: bool = False,
+) -> Instances:
+    """The instances of one heatmap ``[H,W]`` (see :func:`heat_to_instances`), masks not yet built."""
+    if instances not in ("components", "class"):
+        raise InputError(f"instances must be 'components' or 'class', got {instances!r}")
+    fg = heat > threshold(heat)
+    fg = clean_mask(fg, opening=opening, closing=closing, fill_holes=fill_holes)
+    if not fg.any():
+        return Instances(np.zeros(fg.shape, np.int32), (), np.zeros(0), np.zeros((1, 5), np.int32))
+    labels, keep, stats = _label(fg, min_area)
+    area = stats[:, cv2.CC_STAT_AREA].astype(np.float64)
+    if instances == "class" and keep:
+        return Instances(labels, (tuple(keep),), np.array([area[keep].sum()]), stats)
+    return Instances(labels, tuple((i,) for i in keep), area[keep], stats)
 
 
 def heat_to_instances(
@@ -107,11 +177,6 @@ def heat_to_instances(
     ``instances``: ``"components"`` (each connected component is one instance) or ``"class"`` (one
     instance per class: the union of the components that pass ``min_area``).
     """
-    if instances not in ("components", "class"):
-        raise InputError(f"instances must be 'components' or 'class', got {instances!r}")
-    fg = heat > threshold(heat)
-    fg = clean_mask(fg, opening=opening, closing=closing, fill_holes=fill_holes)
-    parts = components(fg, min_area)
-    if instances == "class" and parts:
-        return [np.logical_or.reduce(parts)]
-    return parts
+    found = find_instances(heat, threshold, instances=instances, min_area=min_area, opening=opening,
+                           closing=closing, fill_holes=fill_holes)
+    return [found.mask(i) for i in range(len(found))]

@@ -69,11 +69,6 @@ def presence_scores(model, image_embeddings: torch.Tensor, text: torch.Tensor,
         return torch.sigmoid(q - bg_lse).cpu().numpy()  # = e^q / (e^q + Σ e^bg)
 
 
-def mask_evidence(heat: np.ndarray, mask: np.ndarray) -> float:
-    """Mean of a [0,1] heatmap inside a mask."""
-    return float(heat[mask].mean()) if mask.any() else 0.0
-
-
 def combine(presence: float, evidence: float) -> float:
     """The detection score: ``presence × evidence``, clipped to [0,1]."""
     return float(np.clip(presence * evidence, 0.0, 1.0))
