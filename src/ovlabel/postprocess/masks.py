@@ -148,7 +148,9 @@ def find_instances(
     closing: int = 0,
     fill_holes: bool = False,
 ) -> Instances:
-    """The instances of one heatmap ``[H,W]`` (see :func:`heat_to_instances`), masks not yet built."""
+    """The instances of one heatmap ``[H,W]``: threshold, :func:`clean_mask`, 8-connected components of at
+    least ``min_area`` pixels. ``instances``: ``"components"`` (each component is one instance) or
+    ``"class"`` (one instance per class: the union of those components)."""
     if instances not in ("components", "class"):
         raise InputError(f"instances must be 'components' or 'class', got {instances!r}")
     fg = heat > threshold(heat)
@@ -162,21 +164,7 @@ def find_instances(
     return Instances(labels, tuple((i,) for i in keep), area[keep], stats)
 
 
-def heat_to_instances(
-    heat: np.ndarray,
-    threshold: ThresholdSpec,
-    *,
-    instances: str = "components",
-    min_area: int = 0,
-    opening: int = 0,
-    closing: int = 0,
-    fill_holes: bool = False,
-) -> list[np.ndarray]:
-    """Binary instance masks of one heatmap ``[H,W]``.
-
-    ``instances``: ``"components"`` (each connected component is one instance) or ``"class"`` (one
-    instance per class: the union of the components that pass ``min_area``).
-    """
-    found = find_instances(heat, threshold, instances=instances, min_area=min_area, opening=opening,
-                           closing=closing, fill_holes=fill_holes)
+def heat_to_instances(heat: np.ndarray, threshold: ThresholdSpec, **options) -> list[np.ndarray]:
+    """Binary instance masks of one heatmap ``[H,W]``, largest first (options: :func:`find_instances`)."""
+    found = find_instances(heat, threshold, **options)
     return [found.mask(i) for i in range(len(found))]
