@@ -69,7 +69,9 @@ def clean_mask(mask: np.ndarray, *, opening: int = 0, closing: int = 0, fill_hol
         out = cv2.morphologyEx(out, cv2.MORPH_CLOSE, _ellipse(closing))
     if fill_holes:
         out = fill_mask_holes(out)
-    return out.view(bool) if out.dtype == np.uint8 and out.flags.c_contiguous else out.astype(bool)
+    if out.flags.c_contiguous and not np.may_share_memory(out, mask):
+        return out.view(bool)  # a new 0/1 array: reinterpret, no copy
+    return out.astype(bool)
 
 
 def _as_u8(mask: np.ndarray) -> np.ndarray:
@@ -92,15 +94,19 @@ def fill_mask_holes(mask: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class Instances:
     """The instances of one thresholded heatmap, kept as a component label image: masks are built only
-    for the instances that are emitted (``mask(i)``), scores come from one pass over the label image."""
+    for the instances that are emitted (``mask(i)``); means are read within each component's box."""
 
     labels: np.ndarray  # int32 [H,W], OpenCV component labels (0 = background)
     groups: tuple[tuple[int, ...], ...]  # component labels of each instance; largest instance first
-    areas: np.ndarray  # pixels per instance
     stats: np.ndarray  # OpenCV stats per component label: left, top, width, height, area
 
     def __len__(self) -> int:
         return len(self.groups)
+
+    @property
+    def areas(self) -> np.ndarray:
+        """Pixels per instance."""
+        return np.array([self.stats[list(g), cv2.CC_STAT_AREA].sum() for g in self.groups], dtype=np.float64)
 
     def mask(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
         """The boolean ``[H,W]`` mask of instance ``i`` (written into ``out`` when given)."""
@@ -156,12 +162,10 @@ def find_instances(
     fg = heat > threshold(heat)
     fg = clean_mask(fg, opening=opening, closing=closing, fill_holes=fill_holes)
     if not fg.any():
-        return Instances(np.zeros(fg.shape, np.int32), (), np.zeros(0), np.zeros((1, 5), np.int32))
+        return Instances(np.zeros(fg.shape, np.int32), (), np.zeros((1, 5), np.int32))
     labels, keep, stats = _label(fg, min_area)
-    area = stats[:, cv2.CC_STAT_AREA].astype(np.float64)
-    if instances == "class" and keep:
-        return Instances(labels, (tuple(keep),), np.array([area[keep].sum()]), stats)
-    return Instances(labels, tuple((i,) for i in keep), area[keep], stats)
+    groups = ((tuple(keep),) if keep else ()) if instances == "class" else tuple((i,) for i in keep)
+    return Instances(labels, groups, stats)
 
 
 def heat_to_instances(heat: np.ndarray, threshold: ThresholdSpec, **options) -> list[np.ndarray]:
