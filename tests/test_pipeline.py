@@ -71,7 +71,9 @@ def test_end_to_end_on_real_images(tmp_path, capsys):
     from ovlabel.export.heatmaps import load_heatmaps
 
     h = load_heatmaps(next((out / "heatmaps").glob("*astronaut*")))
-    assert h.heatmaps.shape == (3, 513, 509) and h.presence.shape == (3,)
+    # cache format 2: maps kept at model resolution (64 px on the long side) with the image's size
+    assert h.size == (513, 509) and h.heatmaps.shape == (3, 64, 64) and h.presence.shape == (3,)
+    assert h.maps.full().shape == (3, 513, 509)
 
 
 def test_bad_files_are_reported_and_skipped(tmp_path, capsys):

@@ -1,4 +1,13 @@
-"""ovlabel: label images from text with CLIP explainability maps, no training."""
+"""ovlabel: label images from text with CLIP explainability maps, no training.
+
+The heavy parts (torch, open_clip) are imported on first use of what needs them, so that ``ovlabel
+--help``, the image decoder and the record files work in processes that never load a model.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
 
 from .errors import (
     CocoFormatError,
@@ -6,32 +15,44 @@ from .errors import (
     ImageReadError,
     InputError,
     ModelLoadError,
+    OutputError,
     OvlabelError,
     UnsupportedModelError,
 )
-from .legrad import compute_maps, list_methods
 
 __version__ = "0.1.0"
 
+# public name -> module that defines it (imported on first access)
+_LAZY = {
+    "Pipeline": ".pipeline.runner",
+    "ImageResult": ".pipeline.runner",
+    "compute_maps": ".legrad.explain",
+    "list_methods": ".legrad.explain",
+}
 
 
-def __getattr__(name: str):
-    # The pipeline pulls in heavier dependencies; import it on first use.
-    if name == "Pipeline":
-        from .pipeline import Pipeline
-
-        return Pipeline
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'ovlabel' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
 __all__ = [
-    "Pipeline",
     "CocoFormatError",
     "ConfigError",
     "ImageReadError",
+    "ImageResult",
     "InputError",
     "ModelLoadError",
+    "OutputError",
     "OvlabelError",
+    "Pipeline",
     "UnsupportedModelError",
     "__version__",
     "compute_maps",

@@ -109,7 +109,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
         pipe = Pipeline(cfg)
         summary = pipe.run(args.inputs, args.out, queries=args.queries, queries_file=args.queries_file,
                            coco_gt=args.coco_gt, images_dir=args.images_dir, resume=args.resume, shard=args.shard,
-                           command=shlex.join(["ovlabel", *(args.argv or [])]))
+                           retry_failed=args.retry_failed, command=shlex.join(["ovlabel", *(args.argv or [])]))
     c = summary["counts"]
     print(f"labelled {c['labelled']} images ({c['detections']} detections), {c['failed']} failed, "
           f"{c['resumed_skipped']} already done -> {args.out}")
@@ -121,7 +121,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .pipeline.runner import merge_runs
+    from .pipeline.merge import merge_runs
 
     s = merge_runs(args.runs, args.out)
     print(f"merged {len(s['merged_from'])} runs: {s['counts']['images']} images, {s['counts']['annotations']} "
@@ -214,7 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-heatmaps", action="store_true", help="write heatmaps/*.npz")
     p.add_argument("--overlays", action="store_true", help="write overlays/*.jpg")
     p.add_argument("--masks", choices=["instance", "semantic"], help="write masks/*.png")
-    p.add_argument("--resume", action="store_true", help="continue a run that was interrupted")
+    p.add_argument("--resume", action="store_true", help="continue a run that was interrupted (the same command "
+                   "plus --resume); images that failed stay failed unless --retry-failed")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="with --resume: label again the images whose record is a failure")
     p.add_argument("--shard", type=_parse_shard, default=(0, 1), metavar="I/N",
                    help="process the I-th of N deterministic shares (merge with `ovlabel merge`)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")

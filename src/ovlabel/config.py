@@ -63,6 +63,16 @@ class PreprocessConfig(_Section):
     std: list[float] | None = None
     tile: TileConfig = TileConfig()
 
+    @field_validator("mean", "std")
+    @classmethod
+    def _three_channels(cls, v, info):
+        if v is not None:
+            if len(v) != 3:
+                raise ValueError(f"{info.field_name} needs 3 values (R, G, B), got {len(v)}")
+            if info.field_name == "std" and min(v) <= 0:
+                raise ValueError("std values must be positive")
+        return v
+
 
 class QueriesConfig(_Section):
     names: list[str] = []
@@ -124,6 +134,7 @@ class RunConfig(_Section):
     strict: bool = False
     progress: bool = True
     max_pixels: int = Field(default=178_956_970, ge=1)  # decompression-bomb guard (Pillow's default × 2)
+    max_aspect_ratio: float = Field(default=20.0, ge=1.0)  # longer side / shorter side; beyond: refused
 
 
 class Config(_Section):

@@ -34,3 +34,7 @@ class ImageReadError(OvlabelError, ValueError):
 
 class CocoFormatError(OvlabelError, ValueError):
     """A COCO file is malformed or inconsistent with its ground truth."""
+
+
+class OutputError(OvlabelError, OSError):
+    """An output file could not be written (disk full, no permission…); finished work is kept."""

@@ -46,7 +46,7 @@ EVAL_TEMPLATE = "a photo of a {}."
 def build_model(seed: int):
     import open_clip
 
-    from ..pipeline.models import register_config
+    from ..models import register_config
 
     register_config(MODEL_NAME, MODEL_CONFIG)
     torch.manual_seed(seed)
@@ -157,7 +157,7 @@ def ship(run_dir: str | Path, package_models_dir: str | Path | None = None) -> d
     (weights file, sha256, preprocessing, how it was trained)."""
     import shutil
 
-    from ..pipeline.models import MANIFEST, SHIPPED_DIR
+    from ..models import MANIFEST, SHIPPED_DIR
 
     run_dir = Path(run_dir)
     dest = Path(package_models_dir) if package_models_dir else SHIPPED_DIR

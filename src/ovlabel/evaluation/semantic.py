@@ -174,9 +174,10 @@ def semantic_evaluation(gt, results: list[dict], *, heatmap_dir=None, score_thre
             g = gt_masks.get(rec.image_id)
             if g is None:
                 continue
+            maps = rec.maps
             for k, q in enumerate(rec.queries):
                 if q in g:
-                    heat = rec.heatmaps[k].astype(np.float32)
+                    heat = maps.query(k)
                     fgbg_mean.update(heat, g[q])
                     fgbg_half.update(heat, g[q])
                     hits.append(bool(pointing_game(heat[None], g[q][None])[0]))

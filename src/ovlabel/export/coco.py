@@ -7,6 +7,8 @@ Invariants of everything written here (tested):
 * segmentations are compressed RLE with ``str`` counts (or polygons by option), never empty;
 * annotation ids are unique (1..N), ``iscrowd`` is 0;
 * category ids are the ground truth's or the user's own — never renumbered;
+* polygons (``export.segmentation: polygon``) trace pixel edges, so they rasterise back to the mask
+  exactly; a mask with holes, or any mask a polygon cannot reproduce with IoU ≥ 0.98, keeps its RLE;
 * files are validated with pycocotools before they are written, and written atomically.
 """
 
@@ -15,20 +17,21 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from ..errors import CocoFormatError
+from ..errors import CocoFormatError, InputError
 from ..postprocess.detections import Detections
+from .files import atomic_write, write_json
+
+POLYGON_MIN_IOU = 0.98
+PNG_MAX_VALUE = 65535
 
 
 # ------------------------------------------------------------------------------------------------- I/O
@@ -38,20 +41,8 @@ def quiet():
 
 
 def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = None) -> Path:
-    """Write JSON to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write JSON atomically (see :func:`ovlabel.export.files.atomic_write`)."""
+    return write_json(path, obj, indent=indent)
 
 
 def read_json(path: str | Path, what: str) -> Any:
@@ -144,54 +135,97 @@ def check_results(results: Any, image_ids: Iterable[int], category_ids: Iterable
 
 
 # -------------------------------------------------------------------------------------------- dataset
-def _polygons(mask: np.ndarray) -> list[list[float]]:
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+def mask_polygons(mask: np.ndarray) -> list[list[float]]:
+    """Polygons (COCO: flat ``[x1, y1, x2, y2, …]``) of the outer boundaries of a binary mask.
+
+    They follow pixel edges (marching squares at level 0.5 on the zero-padded mask, 8-connected
+    foreground, corners cut through the edge midpoints), in COCO's continuous frame where pixel ``(x, y)``
+    covers ``[x, x+1) × [y, y+1)``, so pycocotools rasterises them back to the same pixels — no half-pixel
+    shift. Holes are not representable and are not traced.
+    """
+    from skimage import measure
+
+    padded = np.pad(mask.astype(np.uint8), 1)
     polys = []
-    for c in contours:
+    for c in measure.find_contours(padded, 0.5, fully_connected="high"):
+        c = measure.approximate_polygon(c, tolerance=0)  # drops collinear points only
+        if len(c) > 1 and np.array_equal(c[0], c[-1]):
+            c = c[:-1]
         if len(c) >= 3:
-            # contour points are pixel indices; +0.5 puts them on pixel centres in COCO's continuous frame
-            polys.append([float(v) + 0.5 for v in c.reshape(-1)])
+            xy = np.stack([c[:, 1] - 0.5, c[:, 0] - 0.5], axis=1)  # padded index → COCO coordinates
+            polys.append([float(v) for v in xy.reshape(-1)])
     return polys
 
 
-def _segmentation(mask: np.ndarray, rle: dict, mode: str) -> tuple[Any, dict]:
-    """The segmentation to write and the RLE COCO will decode from it (for area and bbox)."""
-    if mode == "polygon":
-        polys = _polygons(mask)
-        if polys:
-            h, w = mask.shape
-            decoded = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
-            if mask_utils.area(decoded) > 0:
-                return polys, decoded
-        # too small for a polygon: keep the exact RLE rather than an empty segmentation
-    return rle, {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+def has_holes(mask: np.ndarray) -> bool:
+    """Whether a binary mask encloses background (4-connected background not reaching the border)."""
+    from ..postprocess.masks import fill_mask_holes
+
+    return bool((fill_mask_holes(mask) != (mask != 0)).any())
+
+
+def segmentation_for_dataset(rle: dict, mode: str) -> tuple[Any, dict]:
+    """The segmentation to write into ``dataset.json`` for a compressed RLE with ``str`` counts, and the
+    RLE (``bytes`` counts) that COCO tools will decode from it, for its area and box.
+
+    ``rle`` mode writes the RLE itself. ``polygon`` mode writes :func:`mask_polygons` when they
+    reproduce the mask (no holes, IoU ≥ 0.98 — in practice exactly), else the RLE for that annotation.
+    """
+    exact = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+    if mode == "rle":
+        return rle, exact
+    if mode != "polygon":
+        raise InputError(f"segmentation must be 'rle' or 'polygon', got {mode!r}")
+    mask = mask_utils.decode(exact)
+    if has_holes(mask):
+        return rle, exact
+    polys = mask_polygons(mask)
+    if polys:
+        h, w = mask.shape
+        decoded = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
+        if float(mask_utils.iou([decoded], [exact], [0])[0, 0]) >= POLYGON_MIN_IOU:
+            return polys, decoded
+    return rle, exact
 
 
 # ------------------------------------------------------------------------------------------ PNG masks
 def label_image(dets: Detections, kind: str = "instance") -> np.ndarray:
     """``[H,W]`` label map: ``instance`` → 1..N by descending score (0 = background); ``semantic`` → the
-    category id of the best-scoring detection covering each pixel."""
+    category id of the best-scoring detection covering each pixel.
+
+    Values are ``uint8`` when they fit, else ``uint16``. Values that a 16-bit PNG cannot hold are
+    refused, never wrapped: more than 65,535 instances, or category ids outside 1..65,535 (0 is the
+    background) for ``semantic``.
+    """
     if kind not in ("instance", "semantic"):
         raise CocoFormatError(f"label mask kind must be 'instance' or 'semantic', got {kind!r}")
     H, W = dets.image_size
     dets = dets.sorted()
-    top = len(dets) if kind == "instance" else int(dets.category_ids.max(initial=0))
+    if kind == "instance":
+        values = np.arange(1, len(dets) + 1)
+        if len(dets) > PNG_MAX_VALUE:
+            raise InputError(f"{len(dets)} detections do not fit a 16-bit instance PNG (at most {PNG_MAX_VALUE})")
+    else:
+        values = dets.category_ids
+        check_png_category_ids(values)
+    top = int(values.max(initial=0))
     out = np.zeros((H, W), dtype=np.uint16 if top > 255 else np.uint8)
     for i in range(len(dets) - 1, -1, -1):  # paint lowest scores first: the best one wins overlaps
-        out[dets.masks[i]] = (i + 1) if kind == "instance" else dets.category_ids[i]
+        out[dets.mask(i)] = values[i]
     return out
 
 
-def write_label_png(path: str | Path, dets: Detections, kind: str = "instance") -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def check_png_category_ids(ids: Iterable[int]) -> None:
+    """Category ids written as semantic PNG values must be 1..65,535 (0 is the background)."""
+    bad = sorted({int(i) for i in ids if not 1 <= int(i) <= PNG_MAX_VALUE})
+    if bad:
+        raise InputError(f"semantic PNG masks store category ids as 16-bit values 1..{PNG_MAX_VALUE} (0 is the "
+                         f"background), but category ids {bad[:10]} do not fit; use instance masks "
+                         "(--masks instance) or renumber the categories")
+
+
+def write_label_png(path: str | Path, dets: Detections, kind: str = "instance", *, durable: bool = True) -> Path:
     labels = label_image(dets, kind)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(labels).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_write(path, "wb", durable=durable) as f:
+        Image.fromarray(labels).save(f, format="PNG")
+    return Path(path)

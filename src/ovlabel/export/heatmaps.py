@@ -1,22 +1,34 @@
 """The heatmap cache: one ``.npz`` per image, readable and writable by other tools.
 
-Fields (``numpy.savez_compressed``, no pickled objects):
+Format version 2 keeps the maps at **model resolution** with what is needed to bring them back to the
+image (a 12-megapixel photo with 80 queries costs ~25 MB instead of ~2 GB). Fields
+(``numpy.savez_compressed``, no pickled objects):
 
-==============  ==================  =================================================================
-``heatmaps``    float16 ``[K,H,W]``  one map per query at the **original image resolution**, in [0,1]
-``queries``     str ``[K]``          the query (category) names, in the order of the maps
-``image_id``    int64 scalar         the image's id (COCO ``image_id``)
-``file_name``   str scalar           the image path as given to the run (relative to its root)
-``presence``    float32 ``[K]``      optional: image-level presence probability of each query
-==============  ==================  =================================================================
+==================  ======================  ============================================================
+``format_version``  int64 scalar            ``2`` (files without it are version 1, see below)
+``heatmaps``        float16 ``[K,h,w]``     one map per query over the whole image, in [0,1]
+                    or ``[N,K,h,w]``        with ``tiles``: the maps of ``N`` tiles, each query scaled
+                                            by one positive factor over all tiles (fusion is invariant)
+``size``            int64 ``[2]``           the image's ``(height, width)``
+``tiles``           int64 ``[N,4]``         optional: tile regions ``(y0, y1, x0, x1)`` on the image
+``queries``         str ``[K]``             the query (category) names, in the order of the maps
+``image_id``        int64 scalar            the image's id (COCO ``image_id``)
+``file_name``       str scalar              the image path as given to the run (relative to its root)
+``presence``        float32 ``[K]``         optional: image-level presence probability of each query
+==================  ======================  ============================================================
 
-Writing is atomic (a temporary file renamed into place), so a killed run never leaves a partial file.
+A query's map on the image is ``heatmaps[k]`` resized bilinearly (pixel centres aligned,
+``align_corners=False``) to ``size`` — then min-max normalised. Tiled maps are each resized to their
+tile, weighted by a sine window (``ovlabel.postprocess.geometry.tile_weight``), averaged where tiles
+overlap and min-max normalised (:class:`ovlabel.postprocess.geometry.ImageMaps`). Version 1 files hold
+``heatmaps`` ``[K,H,W]`` at the image's resolution and no ``size``; they are read as they are.
+
+Reading checks the declared array sizes in the file before anything is decompressed (a small file
+cannot inflate into gigabytes), and never unpickles. Writing is atomic.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,33 +36,51 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..postprocess.geometry import ImageMaps
+from .files import atomic_write
 
-FIELDS = ("heatmaps", "queries", "image_id", "file_name", "presence")
+FORMAT_VERSION = 2
+FIELDS = ("format_version", "heatmaps", "size", "tiles", "queries", "image_id", "file_name", "presence")
+REQUIRED = ("heatmaps", "queries", "image_id", "file_name")
+MAX_HEATMAP_BYTES = 2**31  # declared size of 'heatmaps' above which a file is refused unread
+MAX_FIELD_BYTES = 2**26  # any other field
 
 
 @dataclass(frozen=True)
 class HeatmapRecord:
-    heatmaps: np.ndarray  # [K,H,W] float16
+    heatmaps: np.ndarray  # float16 [K,h,w] or [N,K,h,w] with tiles
     queries: tuple[str, ...]
     image_id: int
     file_name: str
     presence: np.ndarray | None = None  # [K] float32
+    image_size: tuple[int, int] | None = None  # (H, W); None: the maps' own size (version 1)
+    tiles: tuple[tuple[int, int, int, int], ...] | None = None
 
     @property
     def size(self) -> tuple[int, int]:
-        return int(self.heatmaps.shape[1]), int(self.heatmaps.shape[2])
+        """The image's ``(height, width)``."""
+        if self.image_size is not None:
+            return self.image_size
+        return int(self.heatmaps.shape[-2]), int(self.heatmaps.shape[-1])
+
+    @property
+    def maps(self) -> ImageMaps:
+        """The maps with their geometry (float32), ready for :class:`ovlabel.postprocess.Postprocessor`."""
+        return ImageMaps(self.heatmaps.astype(np.float32), self.size, self.tiles)
 
 
-def _validate(heatmaps: np.ndarray, queries, presence, source: str) -> None:
-    if heatmaps.ndim != 3:
-        raise InputError(f"{source}: field 'heatmaps' must be [K,H,W], got shape {heatmaps.shape}")
-    K, H, W = heatmaps.shape
+def _validate(heatmaps: np.ndarray, queries, presence, source: str, tiled: bool = False) -> None:
+    want = 4 if tiled else 3
+    if heatmaps.ndim != want:
+        raise InputError(f"{source}: field 'heatmaps' must be {'[N,K,h,w]' if tiled else '[K,H,W]'}, got shape "
+                         f"{heatmaps.shape}")
+    K, H, W = heatmaps.shape[-3:]
     if H == 0 or W == 0:
         raise InputError(f"{source}: field 'heatmaps' has zero area ({W}x{H}); expected the image size")
     if len(queries) != K:
         raise InputError(f"{source}: field 'queries' has {len(queries)} names but 'heatmaps' has {K} maps")
     if K and not np.isfinite(heatmaps).all():
-        bad = sorted({int(k) for k in np.argwhere(~np.isfinite(heatmaps))[:, 0]})
+        bad = sorted({int(k) for k in np.argwhere(~np.isfinite(heatmaps))[:, -3]})
         raise InputError(f"{source}: field 'heatmaps' has NaN or infinite values in maps {bad}")
     if presence is not None:
         if presence.shape != (K,):
@@ -59,56 +89,114 @@ def _validate(heatmaps: np.ndarray, queries, presence, source: str) -> None:
             raise InputError(f"{source}: field 'presence' has NaN or infinite values")
 
 
-def save_heatmaps(path: str | Path, heatmaps: np.ndarray, queries, image_id: int, file_name: str,
-                  presence: np.ndarray | None = None) -> Path:
-    """Write one cache file atomically. ``heatmaps`` are stored as float16."""
+def save_heatmaps(path: str | Path, heatmaps: np.ndarray | ImageMaps, queries, image_id: int, file_name: str,
+                  presence: np.ndarray | None = None, *, durable: bool = True) -> Path:
+    """Write one cache file atomically. ``heatmaps``: ``[K,H,W]`` at the image's resolution, or the
+    image's :class:`ImageMaps` (kept at model resolution). Maps are stored as float16."""
     path = Path(path)
-    heat = np.asarray(heatmaps, dtype=np.float32)
+    maps = heatmaps if isinstance(heatmaps, ImageMaps) else None
+    if maps is None:
+        heat = np.asarray(heatmaps, dtype=np.float32)
+        size = heat.shape[1:] if heat.ndim == 3 else (0, 0)
+        tiles = None
+    else:
+        heat, size, tiles = np.asarray(maps.maps, dtype=np.float32), maps.size, maps.tiles
     pres = None if presence is None else np.asarray(presence, dtype=np.float32).reshape(-1)
-    _validate(heat, list(queries), pres, str(path))
+    _validate(heat, list(queries), pres, str(path), tiled=tiles is not None)
+    if tiles is not None:  # raw tile maps: one positive factor per query keeps them in float16's range
+        scale = np.abs(heat).max(axis=(0, 2, 3), keepdims=True)
+        heat = heat / np.where(scale > 0, scale, 1)
     arrays = {
+        "format_version": np.asarray(FORMAT_VERSION, dtype=np.int64),
         "heatmaps": heat.astype(np.float16),
+        "size": np.asarray(size, dtype=np.int64),
         "queries": np.asarray([str(q) for q in queries], dtype=np.str_),
         "image_id": np.asarray(int(image_id), dtype=np.int64),
         "file_name": np.asarray(str(file_name), dtype=np.str_),
     }
+    if tiles is not None:
+        arrays["tiles"] = np.asarray(tiles, dtype=np.int64).reshape(-1, 4)
     if pres is not None:
         arrays["presence"] = pres
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb", durable=durable) as f:
+        np.savez_compressed(f, **arrays)
     return path
 
 
-def load_heatmaps(path: str | Path) -> HeatmapRecord:
-    """Read and validate one cache file; errors name the file and the field."""
+def declared_arrays(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every array in an ``.npz``, read from the ``.npy`` headers (nothing is
+    decompressed beyond the headers)."""
+    out = {}
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise ValueError(f"member {info.filename} has .npy format version {version}")
+            out[name] = (tuple(int(v) for v in shape), np.dtype(dtype))
+    return out
+
+
+def _check_declared(path: Path, max_bytes: int) -> None:
+    arrays = declared_arrays(path)
+    missing = [f for f in REQUIRED if f not in arrays]
+    if missing:
+        raise InputError(f"{path}: missing field(s) {missing}; a heatmap file has {list(FIELDS)}")
+    for name, (shape, dtype) in arrays.items():
+        if dtype.hasobject:
+            raise InputError(f"{path}: field {name!r} holds Python objects (pickles are never loaded)")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        limit = max_bytes if name == "heatmaps" else MAX_FIELD_BYTES
+        if nbytes > limit:
+            raise InputError(f"{path}: field {name!r} declares {nbytes / 2**20:.0f} MiB ({list(shape)} {dtype}), "
+                             f"more than the limit of {limit / 2**20:.0f} MiB; refused without reading it")
+
+
+def load_heatmaps(path: str | Path, *, max_bytes: int = MAX_HEATMAP_BYTES) -> HeatmapRecord:
+    """Read and validate one cache file (version 1 or 2); errors name the file and the field."""
     path = Path(path)
     try:
+        _check_declared(path, max_bytes)
         with np.load(path, allow_pickle=False) as data:
-            missing = [f for f in ("heatmaps", "queries", "image_id", "file_name") if f not in data.files]
-            if missing:
-                raise InputError(f"{path}: missing field(s) {missing}; a heatmap file has {list(FIELDS)}")
+            version = int(data["format_version"]) if "format_version" in data.files else 1
             heat = np.asarray(data["heatmaps"])
             queries = tuple(str(q) for q in np.atleast_1d(data["queries"]))
             image_id = data["image_id"]
             file_name = str(data["file_name"])
             presence = np.asarray(data["presence"], dtype=np.float32) if "presence" in data.files else None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            size = np.asarray(data["size"]) if "size" in data.files else None
+            tiles = np.asarray(data["tiles"]) if "tiles" in data.files else None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
         if isinstance(e, InputError):
             raise
         raise InputError(f"{path}: not a readable .npz heatmap file ({e})") from e
+    if version not in (1, FORMAT_VERSION):
+        raise InputError(f"{path}: heatmap format version {version} is not known (this ovlabel reads 1 and 2)")
     if not np.issubdtype(heat.dtype, np.floating):
         raise InputError(f"{path}: field 'heatmaps' must be floating point, got {heat.dtype}")
     if image_id.shape != () or not np.issubdtype(image_id.dtype, np.integer):
         raise InputError(f"{path}: field 'image_id' must be one integer, got {image_id!r}")
-    _validate(heat, queries, presence, str(path))
-    return HeatmapRecord(heat, queries, int(image_id), file_name, presence)
+    _validate(heat, queries, presence, str(path), tiled=tiles is not None)
+    image_size = None
+    if size is not None:
+        if size.shape != (2,) or not np.issubdtype(size.dtype, np.integer) or (size < 1).any():
+            raise InputError(f"{path}: field 'size' must be the image's (height, width), got {size!r}")
+        image_size = (int(size[0]), int(size[1]))
+    regions = None
+    if tiles is not None:
+        if image_size is None or tiles.ndim != 2 or tiles.shape != (heat.shape[0], 4):
+            raise InputError(f"{path}: field 'tiles' must be [N,4] for the N tile maps, with 'size'")
+        H, W = image_size
+        for y0, y1, x0, x1 in tiles.tolist():
+            if not (0 <= y0 < y1 <= H and 0 <= x0 < x1 <= W):
+                raise InputError(f"{path}: field 'tiles' has region {[y0, y1, x0, x1]} outside the {W}x{H} image")
+        regions = tuple(tuple(int(v) for v in t) for t in tiles.tolist())
+    return HeatmapRecord(heat, queries, int(image_id), file_name, presence, image_size, regions)
 
 
 def list_heatmap_files(directory: str | Path) -> list[Path]:
@@ -116,4 +204,4 @@ def list_heatmap_files(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError(f"heatmap directory {directory} does not exist or is not a directory")
-    return sorted(p for p in directory.rglob("*.npz") if not p.name.startswith(".tmp-"))
+    return sorted(p for p in directory.rglob("*.npz") if not p.name.startswith("."))

@@ -4,15 +4,15 @@ best-scoring query."""
 from __future__ import annotations
 
 import colorsys
-import os
-import tempfile
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..postprocess.detections import Detections
+from .files import atomic_write
 
 
 def colour(i: int) -> tuple[int, int, int]:
@@ -29,28 +29,27 @@ def _enlarge(a: np.ndarray, f: int) -> np.ndarray:
     return a if f == 1 else np.repeat(np.repeat(a, f, axis=0), f, axis=1)
 
 
-def draw_overlay(image: np.ndarray, dets: Detections, heatmaps: np.ndarray | None = None,
+def draw_overlay(image: np.ndarray, dets: Detections, heatmaps: Any = None,
                  queries: tuple[str, ...] = ()) -> np.ndarray:
-    """RGB ``uint8``: masks tinted per category, boxes, ``label score`` tags; with ``heatmaps`` a second
-    panel shows the (jet-coloured) map of the best detection's query, or of the first query. Images
-    smaller than 320 px are enlarged by an integer factor first."""
+    """RGB ``uint8``: masks tinted per category, boxes, ``label score`` tags; with ``heatmaps`` (a
+    ``[K,H,W]`` array or :class:`~ovlabel.postprocess.geometry.ImageMaps`: anything where ``heatmaps[k]``
+    is query ``k``'s map) a second panel shows the (jet-coloured) map of the best detection's query, or of
+    the first query. Images smaller than 320 px are enlarged by an integer factor first. Masks are
+    decoded one at a time."""
     f = max(1, int(np.ceil(MIN_SIDE / max(1, min(image.shape[:2])))))
     image = _enlarge(image, f)
-    if f > 1:
-        dets = Detections(_enlarge(dets.masks.transpose(1, 2, 0), f).transpose(2, 0, 1), dets.scores,
-                          dets.category_ids, dets.labels)
-        heatmaps = None if heatmaps is None else _enlarge(np.asarray(heatmaps).transpose(1, 2, 0), f).transpose(2, 0, 1)
-    canvas = image.astype(np.float32).copy()
+    canvas = image.astype(np.float32)
     for i in range(len(dets) - 1, -1, -1):
         c = np.array(colour(int(dets.category_ids[i])), dtype=np.float32)
-        m = dets.masks[i]
+        m = _enlarge(dets.mask(i), f)
         canvas[m] = 0.55 * canvas[m] + 0.45 * c
     out = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    del canvas
     draw = ImageDraw.Draw(out)
     H, W = image.shape[:2]
-    font = ImageFont.load_default(size=max(10, min(H, W) // 28)) if hasattr(ImageFont, "load_default") else None
+    font = ImageFont.load_default(size=max(10, min(H, W) // 28))
     for i in range(len(dets)):
-        x, y, w, h = dets.boxes[i]
+        x, y, w, h = (float(v) * f for v in dets.boxes[i])
         c = colour(int(dets.category_ids[i]))
         draw.rectangle([x, y, x + w - 1, y + h - 1], outline=c, width=max(1, min(H, W) // 200))
         tag = f"{dets.labels[i]} {dets.scores[i]:.2f}"
@@ -62,7 +61,7 @@ def draw_overlay(image: np.ndarray, dets: Detections, heatmaps: np.ndarray | Non
     if heatmaps is None or len(heatmaps) == 0:
         return panel
     k = queries.index(dets.labels[0]) if len(dets) and dets.labels[0] in queries else 0
-    heat = np.clip(heatmaps[k].astype(np.float32), 0, 1)
+    heat = _enlarge(np.clip(np.asarray(heatmaps[k], dtype=np.float32), 0, 1), f)
     jet = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
     blend = (0.5 * image.astype(np.float32) + 0.5 * jet.astype(np.float32)).astype(np.uint8)
     right = Image.fromarray(blend)
@@ -72,16 +71,12 @@ def draw_overlay(image: np.ndarray, dets: Detections, heatmaps: np.ndarray | Non
     return np.concatenate([panel, gap, np.asarray(right)], axis=1)
 
 
-def save_image_atomic(path: str | Path, rgb: np.ndarray, quality: int = 90) -> Path:
+def save_image_atomic(path: str | Path, rgb: np.ndarray, quality: int = 90, *, durable: bool = True) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(rgb).save(tmp, quality=quality) if path.suffix.lower() in (".jpg", ".jpeg") \
-            else Image.fromarray(rgb).save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else (path.suffix.lstrip(".").upper() or "PNG")
+    with atomic_write(path, "wb", durable=durable) as f:
+        if fmt == "JPEG":
+            Image.fromarray(rgb).save(f, format=fmt, quality=quality)
+        else:
+            Image.fromarray(rgb).save(f, format=fmt)
     return path

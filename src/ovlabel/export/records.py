@@ -1,22 +1,28 @@
 """Streaming results: one JSON line per image, merged at the end into ``predictions.json`` and
 ``dataset.json``.
 
-A run appends one record per finished image to ``records*.jsonl`` (flushed and fsynced per batch), so
-memory stays flat and a killed run loses at most the batch in flight: on ``--resume`` the images with a
-record are skipped. A record is ``{"image": {id, file_name, width, height}, "results": [...]}`` or
-``{"image": {...}, "error": "why"}``. A line cut short by a kill is ignored when reading.
+A run appends one record per finished image to ``records*.jsonl`` after every batch, so memory stays
+flat and a killed run loses at most the batch in flight: on ``--resume`` the images with a record are
+skipped. A record is ``{"image": {id, file_name, width, height}, "results": [...]}`` or
+``{"image": {...}, "error": "why"}``.
+
+Durability: a batch's records are written as complete lines with one append and fsynced; a new record
+file's folder is fsynced. A write cut short (a kill mid-write, a full disk) can only leave half a line
+at the end of the file: :class:`RecordWriter` cuts it off when it opens the file, and a full disk makes
+the writer cut back to the last batch before it raises (:func:`ovlabel.export.files.append_lines`).
 
 :func:`finalize` merges any number of record files (shards, resumed runs): one record per image id (the
 last one wins), images sorted by id, annotation ids 1..N in that order — so the merged files do not
 depend on how the work was split or interrupted. Both outputs are validated with pycocotools in chunks
 and written atomically.
+
+This module does not import torch (decode and write workers of a distributed engine use it).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -26,40 +32,68 @@ from pycocotools.coco import COCO
 from ..errors import CocoFormatError
 from ..postprocess.detections import Detections
 from .categories import Categories
-from .coco import _segmentation, check_results, coco_from_dict, detections_to_results, quiet
+from .coco import check_results, coco_from_dict, detections_to_results, quiet, segmentation_for_dataset
+from .files import append_lines, atomic_write, cut_torn_tail, file_mode, fsync_dir, output_error
 
 VALIDATE_CHUNK = 2000
 
 
+def make_record(image: dict, dets: Detections | None = None, error: str | None = None) -> dict:
+    """The record of one image: its detections (COCO results without ``image_id``, plus ``label``) or
+    the reason it failed."""
+    rec: dict = {"image": image}
+    if error is not None:
+        rec["error"] = error
+        return rec
+    if dets is None:
+        raise ValueError("a record needs detections or an error")
+    results = detections_to_results(image["id"], dets)
+    for r, label in zip(results, dets.labels):
+        r.pop("image_id")
+        r["label"] = label
+    rec["results"] = results
+    return rec
+
+
 class RecordWriter:
-    """Append-only JSONL of per-image records."""
+    """Append-only JSONL of per-image records (see the module docstring)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            new = not self.path.exists()
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, file_mode())
+        except OSError as e:
+            raise output_error(e, self.path) from e
+        self.torn_bytes = cut_torn_tail(self._fd)
+        if new:
+            os.fsync(self._fd)
+            fsync_dir(self.path.parent)
+        self._pending: list[str] = []
+
+    def append(self, records: Iterable[dict]) -> None:
+        """Write records as complete lines and fsync (one call per batch)."""
+        lines = [json.dumps(r, ensure_ascii=False) for r in records]
+        if lines:
+            append_lines(self._fd, lines, self.path)
 
     def write(self, image: dict, dets: Detections | None = None, error: str | None = None) -> None:
-        rec: dict = {"image": image}
-        if error is not None:
-            rec["error"] = error
-        else:
-            assert dets is not None
-            results = detections_to_results(image["id"], dets)
-            for r, label in zip(results, dets.labels):
-                r.pop("image_id")
-                r["label"] = label
-            rec["results"] = results
-        self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        """Queue the record of one image; :meth:`flush` writes the queue."""
+        self._pending.append(json.dumps(make_record(image, dets, error), ensure_ascii=False))
 
     def flush(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        pending, self._pending = self._pending, []
+        if pending:
+            append_lines(self._fd, pending, self.path)
 
     def close(self) -> None:
-        if not self._f.closed:
-            self.flush()
-            self._f.close()
+        if self._fd >= 0:
+            try:
+                self.flush()
+            finally:
+                os.close(self._fd)
+                self._fd = -1
 
     def __enter__(self) -> RecordWriter:
         return self
@@ -102,34 +136,6 @@ def merged_records(paths: Iterable[str | Path]) -> list[dict]:
     return [latest[k] for k in sorted(latest)]
 
 
-class _JsonArrayWriter:
-    """Writes a JSON array (or an object ending in an array) item by item into a temporary file."""
-
-    def __init__(self, path: Path, head: str = "[", tail: str = "]") -> None:
-        self.path = path
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        self.f = os.fdopen(fd, "w", encoding="utf-8")
-        self.f.write(head)
-        self.tail = tail
-        self.first = True
-
-    def add(self, obj) -> None:
-        self.f.write(("" if self.first else ",") + "\n" + json.dumps(obj, ensure_ascii=False))
-        self.first = False
-
-    def commit(self) -> None:
-        self.f.write("\n" + self.tail + "\n")
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        if not self.f.closed:
-            self.f.close()
-        Path(self.tmp).unlink(missing_ok=True)
-
-
 def finalize(
     record_paths: Iterable[str | Path],
     out_dir: str | Path,
@@ -154,13 +160,14 @@ def finalize(
                              "annotations": []}, "the run's images")
     img_ids = gt.getImgIds()
 
-    preds = _JsonArrayWriter(out_dir / "predictions.json")
     head = json.dumps({"info": info or {"description": "ovlabel pseudo-labels"}, "licenses": [],
                        "images": images, "categories": categories.to_coco()}, ensure_ascii=False)
-    data = _JsonArrayWriter(out_dir / "dataset.json", head=head[:-1] + ', "annotations": [', tail="]}")
     n_ann = 0
     chunk: list[dict] = []
-    try:
+    with atomic_write(out_dir / "predictions.json", "w", encoding="utf-8") as pf, \
+            atomic_write(out_dir / "dataset.json", "w", encoding="utf-8") as df:
+        preds = _JsonArray(pf, "[", "]")
+        data = _JsonArray(df, head[:-1] + ', "annotations": [', "]}")
         for rec in ok:
             image = rec["image"]
             h, w = int(image["height"]), int(image["width"])
@@ -173,31 +180,38 @@ def finalize(
                 preds.add(res)
                 chunk.append(res)
                 rle = {"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"]}
-                if segmentation == "polygon":
-                    mask = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")})
-                    seg, decoded = _segmentation(mask.astype(bool), rle, "polygon")
-                else:
-                    seg, decoded = rle, {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+                if (h, w) != tuple(rle["size"]):
+                    raise CocoFormatError(f"image {image['id']}: mask size {rle['size']} differs from the image "
+                                          f"size {[h, w]}")
+                seg, decoded = segmentation_for_dataset(rle, segmentation)
                 n_ann += 1
                 data.add({"id": n_ann, "image_id": image["id"], "category_id": r["category_id"],
                           "segmentation": seg, "area": int(mask_utils.area(decoded)),
                           "bbox": [float(v) for v in mask_utils.toBbox(decoded)], "iscrowd": 0,
                           "score": r["score"]})
-                if (h, w) != tuple(rle["size"]):
-                    raise CocoFormatError(f"image {image['id']}: mask size {rle['size']} differs from the image "
-                                          f"size {[h, w]}")
                 if len(chunk) >= VALIDATE_CHUNK:
                     _validate_chunk(chunk, gt, img_ids)
                     chunk = []
         _validate_chunk(chunk, gt, img_ids)
-        preds.commit()
-        data.commit()
-    except BaseException:
-        preds.abort()
-        data.abort()
-        raise
+        preds.close()
+        data.close()
     coco_from_dict(json.loads((out_dir / "dataset.json").read_text(encoding="utf-8")), "dataset.json")
     return {"images": len(ok), "annotations": n_ann, "failures": failures}
+
+
+class _JsonArray:
+    """Writes a JSON array (or an object ending in an array) item by item into an open file."""
+
+    def __init__(self, f, head: str, tail: str) -> None:
+        self.f, self.tail, self.first = f, tail, True
+        f.write(head)
+
+    def add(self, obj) -> None:
+        self.f.write(("" if self.first else ",") + "\n" + json.dumps(obj, ensure_ascii=False))
+        self.first = False
+
+    def close(self) -> None:
+        self.f.write("\n" + self.tail + "\n")
 
 
 def _validate_chunk(chunk: list[dict], gt: COCO, img_ids) -> None:

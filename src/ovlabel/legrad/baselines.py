@@ -12,25 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from .base import image_text_logits, logit_scale, query_chunks
 from .ops import MeanTokens, SelectToken, cosine_grad, run_backward, run_forward
 from .towers import Tower, block_forward
 
 Tensor = torch.Tensor
-
-
-def image_text_scores(model, embedding: Tensor, text: Tensor) -> Tensor:
-    """The model's image–text logits ``[B,K]``: ``exp(logit_scale)·cos (+ logit_bias)``."""
-    e = F.normalize(embedding, dim=-1)
-    s = e @ text.T
-    scale = getattr(model, "logit_scale", None)
-    if isinstance(scale, Tensor):
-        s = s * scale.detach().to(s.dtype).exp()
-    bias = getattr(model, "logit_bias", None)
-    if isinstance(bias, Tensor):
-        s = s + bias.detach().to(s.dtype)
-    return s
 
 
 @dataclass
@@ -78,21 +65,19 @@ def score_gradients(model, tower: Tower, rec: AttentionRecord, text: Tensor, lay
     query.
     """
     with torch.enable_grad():
-        scores = image_text_scores(model, rec.embedding, text)  # [B,K]
+        scores = image_text_logits(model, rec.embedding, text)  # [B,K]
     B, K = scores.shape
     targets = [rec.attn[i] for i in layers] + ([rec.pool_attn] if rec.pool_attn is not None else [])
     per_query = sum(t.numel() for t in targets)
-    budget = 2**23 if scores.device.type == "cpu" else 2**26
-    kc = chunk_size or max(1, budget // max(1, per_query))
-    for k0 in range(0, K, kc):
-        k1 = min(K, k0 + kc)
+    for sl in query_chunks(K, per_query, chunk_size, scores.device):
+        k0, k1 = sl.start, sl.stop
         go = scores.new_zeros(k1 - k0, B, K)
         go[torch.arange(k1 - k0), :, torch.arange(k0, k1)] = 1
         grads = torch.autograd.grad(scores, targets, grad_outputs=go, is_grads_batched=True,
                                     retain_graph=k1 < K)
         by_layer = {i: g.detach() for i, g in zip(layers, grads)}
         pool_grad = grads[-1].detach() if rec.pool_attn is not None else None
-        yield slice(k0, k1), by_layer, pool_grad
+        yield sl, by_layer, pool_grad
 
 
 def readout_row(tower: Tower, batch: int, tokens: int) -> Tensor:
@@ -152,17 +137,6 @@ def rollout(tower: Tower, images: Tensor, layers: list[int]) -> Tensor:
     return patches(tower, v, rec.grid).unsqueeze(1)
 
 
-def _scale(model, dtype: torch.dtype) -> Tensor:
-    scale = getattr(model, "logit_scale", None)
-    return scale.detach().to(dtype).exp() if isinstance(scale, Tensor) else torch.ones((), dtype=dtype)
-
-
-def _chunks(K: int, per_query: int, chunk_size: int | None, device: torch.device):
-    budget = 2**23 if device.type == "cpu" else 2**26
-    kc = chunk_size or max(1, budget // max(1, per_query))
-    return [slice(k0, min(K, k0 + kc)) for k0 in range(0, K, kc)]
-
-
 def last_block_readout(model, tower: Tower, images: Tensor, text: Tensor, chunk_size: int | None):
     """CLS towers, last block: the readout rows of ``∂score/∂A`` in closed form, no autograd.
 
@@ -182,11 +156,11 @@ def last_block_readout(model, tower: Tower, images: Tensor, text: Tensor, chunk_
         rows = torch.nonzero(r[0]).flatten()
         _, mlp_rows = blk.mlp.forward(cache.x_mid[:, rows])  # caches of the rows that matter
         v_t = cache.v.transpose(-1, -2).unsqueeze(1)  # [B,1,H,d,T]
-        scale = _scale(model, f.dtype)
+        scale = logit_scale(model, f.dtype)
 
     def grads():
         with torch.no_grad():
-            for sl in _chunks(text.shape[0], B * blk.heads * len(rows) * T, chunk_size, images.device):
+            for sl in query_chunks(text.shape[0], B * blk.heads * len(rows) * T, chunk_size, images.device):
                 g_f = cosine_grad(f, text[sl])[0] * scale
                 g_z = run_backward(tower.head, head_cache, g_f)  # [B,k,T|1,D]
                 g_z = g_z[:, :, rows] if g_z.shape[2] > 1 else g_z.expand(-1, -1, len(rows), -1)
@@ -210,11 +184,11 @@ def pooler_gradients(model, tower: Tower, images: Tensor, text: Tensor, chunk_si
             x = block_forward(blk, x)[0]
         f, v, tail_cache, attn = pool.forward(x)
         B, H, Tk, _ = v.shape
-        scale = _scale(model, f.dtype)
+        scale = logit_scale(model, f.dtype)
 
     def grads():
         with torch.no_grad():
-            for sl in _chunks(text.shape[0], B * H * Tk, chunk_size, images.device):
+            for sl in query_chunks(text.shape[0], B * H * Tk, chunk_size, images.device):
                 g_o = run_backward(pool.tail, tail_cache, cosine_grad(f, text[sl])[0] * scale)
                 g_o0 = g_o[:, :, 0].reshape(B, g_o.shape[1], H, -1)
                 yield sl, torch.einsum("bkhd,bhtd->bkht", g_o0, v)

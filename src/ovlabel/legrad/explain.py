@@ -1,51 +1,33 @@
 """``compute_maps``: the one entry point of every explainer.
 
-A method is a function registered under a name. It receives the tower description, the prepared images
-and unit text embeddings and the resolved block indices, and returns maps on the token grid
-``[B, K, gh, gw]`` (``K = 1`` for methods that do not depend on the text). ``compute_maps`` validates the
-inputs, upsamples bilinearly to the input resolution and min-max normalises each (image, query) map.
+The methods live in :mod:`ovlabel.legrad.methods` (registered with
+:func:`ovlabel.legrad.base.register_method`). ``compute_maps`` validates the inputs, runs the method,
+upsamples bilinearly to the input resolution and min-max normalises each (image, query) map.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Union
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from . import methods as _builtin  # noqa: F401  (importing the module registers the built-in methods)
+from .base import (
+    METHODS,
+    ExplainInput,
+    Layers,
+    Method,
+    MethodOutput,
+    finalize_maps,
+    resolve_layers,
+)
 from .ops import Linear
 from .towers import Tower, read_tower
 
 Tensor = torch.Tensor
-Layers = Union[None, str, int, Sequence[int]]  # noqa: UP007 (a runtime alias)
-
-
-@dataclass(frozen=True)
-class ExplainInput:
-    """What a method receives. ``images``/``text`` are already in the tower's device and dtype."""
-
-    model: nn.Module
-    tower: Tower
-    images: Tensor  # [B,3,H,W]
-    text: Tensor  # [K,E], unit rows
-    layers: list[int]  # sorted block indices
-    want_embedding: bool = False
-
-
-@dataclass(frozen=True)
-class MethodOutput:
-    """What a method may return instead of plain grid maps: ``maps`` on the token grid (or, with
-    ``final=True``, already ``[B,K,H,W]`` in [0,1] at input resolution) and, when its forward pass
-    reached the end of the tower, the image ``embedding`` ``[B,E]`` (spares a second forward)."""
-
-    maps: Tensor
-    final: bool = False
-    embedding: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -54,93 +36,19 @@ class Explanation:
     embeddings: Tensor | None  # [B,E] unnormalised image embeddings, when asked for
 
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    fn: Callable[..., Tensor]
-    default_layers: Layers
-    summary: str
-    options: tuple[str, ...] = field(default=())
-
-
-_METHODS: dict[str, Method] = {}
-
-
-def register_method(name: str, *, default_layers: Layers, summary: str) -> Callable:
-    """Register ``fn(inp: ExplainInput, **options) -> Tensor [B,K|1,gh,gw]`` under ``name``."""
-
-    def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        params = list(inspect.signature(fn).parameters.values())[1:]
-        options = tuple(p.name for p in params if p.kind == p.KEYWORD_ONLY)
-        _METHODS[name] = Method(name, fn, default_layers, summary, options)
-        return fn
-
-    return wrap
-
-
 def list_methods() -> list[str]:
     """Names accepted by ``compute_maps(..., method=NAME)``."""
-    _load_builtin_methods()
-    return sorted(_METHODS)
+    return sorted(METHODS)
 
 
 def describe_methods() -> dict[str, str]:
-    _load_builtin_methods()
-    return {name: _METHODS[name].summary for name in sorted(_METHODS)}
+    return {name: METHODS[name].summary for name in sorted(METHODS)}
 
 
 def get_method(name: str) -> Method:
-    _load_builtin_methods()
-    if name not in _METHODS:
-        raise InputError(f"unknown explainer method {name!r}; available methods: {', '.join(sorted(_METHODS))}")
-    return _METHODS[name]
-
-
-def _load_builtin_methods() -> None:
-    # Importing the modules registers their methods (kept lazy so that towers/ops import alone).
-    from . import methods  # noqa: F401
-
-
-def resolve_layers(layers: Layers, num_blocks: int, default: Layers = -2) -> list[int]:
-    """Block indices from ``None`` (the method's default), ``"all"``, ``-n`` (last n blocks) or a list.
-
-    List entries may be negative (Python-style). The result is sorted and free of duplicates.
-    """
-    if layers is None:
-        layers = default
-    if isinstance(layers, str):
-        if layers == "all":
-            return list(range(num_blocks))
-        if layers == "last":
-            return [num_blocks - 1]
-        raise InputError(f"layers={layers!r} is not understood; expected None, 'all', a negative int -n "
-                         "for the last n blocks, or a list of block indices")
-    if isinstance(layers, bool):
-        raise InputError(f"layers={layers!r} is not understood; expected None, 'all', -n or a list of ints")
-    if isinstance(layers, int):
-        if layers >= 0:
-            raise InputError(f"layers={layers} is ambiguous; pass a negative int -n for the last n blocks "
-                             f"or a list such as [{layers}] for one block")
-        if -layers > num_blocks:
-            raise InputError(f"layers={layers} asks for the last {-layers} blocks but the tower has "
-                             f"{num_blocks}")
-        return list(range(num_blocks + layers, num_blocks))
-    try:
-        items = list(layers)
-    except TypeError:
-        raise InputError(
-            f"layers={layers!r} is not understood; expected None, 'all', -n or a list of ints") from None
-    if not items:
-        raise InputError("layers is an empty list; expected at least one block index")
-    out = set()
-    for i in items:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise InputError(f"layers contains {i!r}; expected integer block indices")
-        if not -num_blocks <= i < num_blocks:
-            raise InputError(f"block index {i} is out of range for a tower with {num_blocks} blocks "
-                             f"(valid: {-num_blocks}..{num_blocks - 1})")
-        out.add(i % num_blocks)
-    return sorted(out)
+    if name not in METHODS:
+        raise InputError(f"unknown explainer method {name!r}; available methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
 
 
 def embed_dim(tower: Tower) -> int:
@@ -199,28 +107,6 @@ def prepare_inputs(tower: Tower, images: Any, text_embeddings: Any) -> tuple[Ten
     return images, text
 
 
-def finalize_maps(grid_maps: Tensor, patch_size: tuple[int, int], num_queries: int, normalize: bool = True) -> Tensor:
-    """Bilinear ×patch upsampling (``align_corners=False``) and per-map min-max → ``[B,K,H,W]`` in [0,1].
-
-    A constant map (no positive gradient anywhere) becomes all zeros. ``normalize=False`` skips the
-    min-max (raw maps, e.g. to fuse tiles before normalising).
-    """
-    maps = grid_maps.float() if grid_maps.dtype not in (torch.float32, torch.float64) else grid_maps
-    B, K, gh, gw = maps.shape
-    out = F.interpolate(maps, size=(gh * patch_size[0], gw * patch_size[1]), mode="bilinear",
-                        align_corners=False)
-    if normalize:
-        flat = out.flatten(2)
-        lo = flat.min(-1).values[..., None, None]
-        hi = flat.max(-1).values[..., None, None]
-        rng = hi - lo
-        out = torch.where(rng > 0, (out - lo) / torch.where(rng > 0, rng, torch.ones_like(rng)),
-                          torch.zeros_like(out))
-    if K == 1 and num_queries > 1:
-        out = out.expand(B, num_queries, *out.shape[-2:])
-    return out.to(torch.float32).contiguous()
-
-
 def explain(
     model: nn.Module,
     images: Tensor,
@@ -250,7 +136,8 @@ def explain(
         tower = read_tower(model)
         images, text = prepare_inputs(tower, images, text_embeddings)
         layer_ids = resolve_layers(layers, len(tower.blocks), spec.default_layers)
-        out = spec.fn(ExplainInput(model, tower, images, text, layer_ids, embeddings), **options)
+        out = spec.fn(ExplainInput(model, tower, images, text, layer_ids, embeddings,
+                                   layers_given=layers is not None), **options)
         if not isinstance(out, MethodOutput):
             out = MethodOutput(out)
         if out.final:

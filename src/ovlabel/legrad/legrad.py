@@ -21,30 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InputError
+from .base import accumulation_dtype, query_chunks
 from .ops import cosine_grad, run_backward, run_forward
 from .towers import Block, BlockCache, Tower, block_forward
 
 Tensor = torch.Tensor
-
-# Elements of the largest per-chunk temporary. On CPUs small chunks are as fast as large ones (they stay
-# in cache; measured with benchmarks/legrad_speed.py) and keep peak memory low; GPUs like bigger batches.
-CHUNK_ELEMENTS = {"cpu": 2**23, "default": 2**26}
-
-
-def query_chunk_size(per_query_elements: int, chunk_size: int | None, device: torch.device) -> int:
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise InputError(f"chunk_size must be a positive number of queries, got {chunk_size!r}")
-        return chunk_size
-    budget = CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["default"])
-    return max(1, budget // max(1, per_query_elements))
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Maps are accumulated in float32 (float64 for float64 models), whatever the compute dtype."""
-    return torch.promote_types(dtype, torch.float32)
-
 
 def relu_column_sums(g_ctx: Tensor, v: Tensor, *, batched: bool) -> Tensor:
     """``Σ_h Σ_i max(G[b,k,h,i,j], 0)`` with ``G = g_ctx · vᵀ`` → ``[B,k,T]`` float32.
@@ -116,7 +97,8 @@ def _layer_map(tower: Tower, blk: Block, cache: BlockCache, z: Tensor, text: Ten
     hidden = blk.mlp.branch[1].weight.shape[0] if len(blk.mlp.branch) > 1 else D
     per_query = B * (H * T * T if batched else T * max(hidden, D))
     parts = []
-    for t in text.split(query_chunk_size(per_query, chunk_size, z.device)):
+    for sl in query_chunks(text.shape[0], per_query, chunk_size, z.device):
+        t = text[sl]
         g_f, _ = cosine_grad(f, t)  # [B,k,E]
         g_z = run_backward(tower.legrad_head, head_cache, g_f)  # [B,k,1,D]: same for every token
         g_mid = blk.mlp.backward(g_z, cache.mlp)  # [B,k,T,D]
@@ -135,9 +117,9 @@ def _pool_layer_map(tower: Tower, z: Tensor, text: Tensor, chunk_size: int | Non
     f, v, tail_cache, _ = pool.forward(z)
     B, H, Tk, _ = v.shape
     offset = tower.num_prefix - pool.key_start  # prefix tokens still among the keys
-    kc = query_chunk_size(B * H * Tk, chunk_size, z.device)
     parts = []
-    for t in text.split(kc):
+    for sl in query_chunks(text.shape[0], B * H * Tk, chunk_size, z.device):
+        t = text[sl]
         g_f, _ = cosine_grad(f, t)
         g_o = run_backward(pool.tail, tail_cache, g_f)  # [B,k,Q,Dp]
         g_o0 = g_o[:, :, 0].reshape(B, t.shape[0], H, -1)  # first latent query, per head

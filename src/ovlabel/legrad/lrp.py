@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedModelError
-from .baselines import image_text_scores, patches, readout_row
-from .legrad import accumulation_dtype
+from .base import accumulation_dtype, image_text_logits, logit_scale, query_chunks
+from .baselines import patches, readout_row
 from .ops import Activation, LayerNorm, Linear, MeanTokens, Op, Scale, SelectToken
 from .towers import Block, Tower, merge_heads, split_heads
 
@@ -232,20 +232,18 @@ def chefer_lrp(model, tower: Tower, images: Tensor, text: Tensor, layers: list[i
         emb = tokens
         for op in tower.head:
             emb = op.forward(emb)[0]
-        scores = image_text_scores(model, emb, text)  # [B,K]
+        scores = image_text_logits(model, emb, text)  # [B,K]
     tokens = tokens.detach()
     emb = emb.detach()
     B, K = scores.shape
-    scale = getattr(model, "logit_scale", None)
-    scale = scale.detach().to(emb.dtype).exp() if isinstance(scale, Tensor) else torch.ones((), dtype=emb.dtype)
+    scale = logit_scale(model, emb.dtype)
     e = F.normalize(emb, dim=-1)
     T = tokens.shape[1]
     per_query = T * tokens.shape[-1] * 8 * B
-    kc = chunk_size or max(1, (2**23 if images.device.type == "cpu" else 2**26) // per_query)
     out = torch.zeros(B, K, *grid, dtype=accumulation_dtype(e.dtype), device=images.device)
     targets = [states[i].attn_graph for i in layers]
-    for k0 in range(0, K, kc):
-        k1 = min(K, k0 + kc)
+    for sl in query_chunks(K, per_query, chunk_size, images.device):
+        k0, k1 = sl.start, sl.stop
         go = scores.new_zeros(k1 - k0, B, K)
         go[torch.arange(k1 - k0), :, torch.arange(k0, k1)] = 1
         grads = torch.autograd.grad(scores, targets, grad_outputs=go, is_grads_batched=True, retain_graph=k1 < K)

@@ -9,12 +9,20 @@ import torch
 
 from ..errors import InputError
 from . import baselines, lrp
-from .explain import ExplainInput, MethodOutput, finalize_maps, register_method
+from .base import ExplainInput, MethodOutput, finalize_maps, register_method
 from .legrad import legrad_grid_maps
 
 Tensor = torch.Tensor
 
 EMPTY_PROMPT_THRESHOLD = 0.8
+
+
+def _pooler_reads_no_blocks(inp: ExplainInput, method: str) -> None:
+    """Methods that read the attention pooler of SigLIP/CoCa towers cannot honour a block selection."""
+    if inp.tower.pool is not None and inp.layers_given and inp.layers != [len(inp.tower.blocks) - 1]:
+        raise InputError(f"{method} on an attention-pool tower (SigLIP, CoCa) reads the pooler's attention, not "
+                         f"a block's, so layers={inp.layers} cannot be applied; leave layers unset (or pick "
+                         "legrad, chefercam or rollout, which use the blocks)")
 
 
 @register_method(
@@ -61,7 +69,9 @@ def legrad(inp: ExplainInput, *, chunk_size: int | None = None, batched: bool | 
 )
 def raw_attention(inp: ExplainInput) -> Tensor:
     """Mean over heads of the readout row (CLS; the pooler's query for SigLIP/CoCa) of the selected
-    blocks' attention (default: last block). The same map for every query: no cost per query."""
+    blocks' attention (default: last block). The same map for every query: no cost per query.
+    Attention-pool towers read the pooler's attention, which belongs to no block: ``layers`` is refused."""
+    _pooler_reads_no_blocks(inp, "raw_attention")
     return baselines.raw_attention(inp.tower, inp.images, inp.layers)
 
 
@@ -86,7 +96,9 @@ def gradcam(inp: ExplainInput, *, chunk_size: int | None = None) -> Tensor:
     """Grad-CAM for ViTs, the attention variant of Chefer et al.'s baselines: score =
     ``logit_scale·cos``; per head ``w_h`` = mean over the readout row of ``∂score/∂A_h``; map =
     ``max(mean_h w_h·A_h, 0)`` on the readout row (pooler towers: on the pooler's attention). Cost per
-    query: a backward from the score to the selected block, batched over query chunks."""
+    query: a backward from the score to the selected block, batched over query chunks. Attention-pool
+    towers use the pooler's attention, which belongs to no block: ``layers`` is refused there."""
+    _pooler_reads_no_blocks(inp, "gradcam")
     return baselines.gradcam(inp.model, inp.tower, inp.images, inp.text, inp.layers, chunk_size)
 
 

@@ -1,16 +1,26 @@
-"""Finding and decoding images — by content, never by extension.
+"""Finding and decoding images — by content, never by extension. This module does not import torch.
 
 ``collect_inputs`` expands what a user passes (folders, recursively; image files; text files listing
-paths; a COCO ground truth with its images folder) into a sorted, deterministic list of ``ImageItem``
-with stable ids. ``read_image`` decodes any format Pillow knows (JPEG, PNG 8/16-bit, palette, RGBA, WEBP,
-BMP, TIFF, GIF's first frame, …), applies the EXIF orientation and returns RGB ``uint8``; transparent
-pixels are composited over white. Every failure is an :class:`~ovlabel.errors.ImageReadError` with the
-reason, which the runner records and skips (or raises with ``--strict``).
+paths) and ``coco_inputs`` a COCO ground truth with its images folder into a sorted, deterministic list
+of ``ImageItem`` with ids (a run freezes them in its manifest, so they never shift). ``read_image``
+decodes any format Pillow knows (JPEG, PNG 8/16-bit, palette, RGBA, WEBP, BMP, TIFF, GIF's first frame,
+…) from a path or from bytes, applies the EXIF orientation and returns RGB ``uint8``; transparent pixels
+are composited over white. ``decode_item`` is what a run calls per image: it also enforces the run's
+limits and, for COCO ground truth, the ground truth's geometry. Every failure is an
+:class:`~ovlabel.errors.ImageReadError` with the reason, which the runner records and skips (or raises
+with ``--strict``).
+
+Entries that are not regular files (FIFOs, sockets, devices, broken or looping symlinks) are never
+opened — a FIFO would block the run — and are reported as failures.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import os
+import stat
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +35,51 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".d
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
 
 
+DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's decompression-bomb error threshold (2 × MAX_IMAGE_PIXELS)
+DEFAULT_MAX_ASPECT = 20.0
+
+
 @dataclass(frozen=True)
 class ImageItem:
     id: int
     path: Path
     file_name: str  # as written in the outputs: relative to its input root
+    expected_size: tuple[int, int] | None = None  # (height, width) a ground truth says the image has
+
+
+@dataclass
+class DecodedImage:
+    """An item and its pixels (RGB ``uint8 [H,W,3]``), or the reason it could not be decoded."""
+
+    item: ImageItem
+    image: np.ndarray | None = None
+    error: str | None = None
+
+
+def file_kind(path: Path) -> str | None:
+    """``None`` for a regular file (or a symlink to one); otherwise what the entry is."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a broken symlink" if os.path.islink(path) else "missing"
+    except OSError as e:
+        return "a symlink loop" if e.errno == errno.ELOOP else f"unreadable ({e.strerror or e})"
+    if stat.S_ISREG(mode):
+        return None
+    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def _is_image(path: Path) -> bool:
-    """Cheap content sniff (header only)."""
+    """Cheap content sniff (header only) of a regular file."""
+    if file_kind(path) is not None:
+        return False
     try:
-        with Image.open(path):
+        with _open(path, DEFAULT_MAX_PIXELS):
             return True
     except Exception:
         return False
@@ -62,7 +106,8 @@ def collect_inputs(inputs: list[str | Path]) -> tuple[list[ImageItem], list[str]
         if p.is_dir():
             for f in _walk(p):
                 rel = f.relative_to(p).as_posix()
-                if f.suffix.lower() in IMAGE_SUFFIXES or _is_image(f):
+                # non-regular entries are never opened; they are kept so the run reports them as failures
+                if f.suffix.lower() in IMAGE_SUFFIXES or file_kind(f) is not None or _is_image(f):
                     entries.append((rel, f))
                 else:
                     ignored.append(str(f))
@@ -74,8 +119,8 @@ def collect_inputs(inputs: list[str | Path]) -> tuple[list[ImageItem], list[str]
                 f = Path(line).expanduser()
                 f = f if f.is_absolute() else p.parent / f
                 entries.append((line, f))
-        elif p.is_file():
-            entries.append((p.name, p))
+        elif p.is_file() or os.path.lexists(p):
+            entries.append((p.name, p))  # an image file, or an entry that is not a regular file (reported)
         else:
             raise InputError(f"input {raw} does not exist (expected a folder, an image file or a .txt list of paths)")
     if not entries and not ignored:
@@ -83,7 +128,10 @@ def collect_inputs(inputs: list[str | Path]) -> tuple[list[ImageItem], list[str]
     seen: set[Path] = set()
     unique = []
     for name, f in sorted(entries, key=lambda e: (e[0], str(e[1]))):
-        key = f.resolve()
+        try:
+            key = f.resolve(strict=False)
+        except (OSError, RuntimeError):  # a symlink loop
+            key = f.absolute()
         if key not in seen:
             seen.add(key)
             unique.append((name, f))
@@ -91,12 +139,31 @@ def collect_inputs(inputs: list[str | Path]) -> tuple[list[ImageItem], list[str]
 
 
 def coco_inputs(gt, images_dir: str | Path) -> list[ImageItem]:
-    """Items of a COCO ground truth (``pycocotools.coco.COCO``), its image ids kept."""
+    """Items of a COCO ground truth (``pycocotools.coco.COCO``), its image ids kept, with the size the
+    ground truth gives each image. A ``file_name`` that is absolute or leads out of ``images_dir`` is
+    refused (``..`` that stays inside is fine)."""
     root = Path(images_dir)
     if not root.is_dir():
         raise InputError(f"--images-dir {images_dir} is not a folder")
-    return [ImageItem(int(img["id"]), root / img["file_name"], img["file_name"])
-            for img in sorted(gt.dataset["images"], key=lambda i: i["id"])]
+    base = os.path.normpath(os.path.abspath(root))
+    items = []
+    for img in sorted(gt.dataset["images"], key=lambda i: i["id"]):
+        name = img.get("file_name")
+        if not isinstance(name, str) or not name:
+            raise InputError(f"ground-truth image {img['id']} has no 'file_name'")
+        if os.path.isabs(name) or Path(name).drive:
+            raise InputError(f"ground-truth image {img['id']}: file_name {name!r} is an absolute path; COCO file "
+                             "names are relative to --images-dir")
+        full = os.path.normpath(os.path.join(base, name))
+        if os.path.commonpath([base, full]) != base:
+            raise InputError(f"ground-truth image {img['id']}: file_name {name!r} leads outside --images-dir "
+                             f"{images_dir}; refused")
+        size = None
+        h, w = img.get("height"), img.get("width")
+        if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0:
+            size = (h, w)
+        items.append(ImageItem(int(img["id"]), root / name, name, size))
+    return items
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -113,37 +180,97 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     raise ImageReadError(f"unsupported pixel type {arr.dtype}")
 
 
-def read_image(path: str | Path, max_pixels: int = 178_956_970) -> np.ndarray:
-    """Decode an image file into RGB ``uint8 [H,W,3]`` (see the module docstring)."""
-    path = Path(path)
-    try:
-        if path.stat().st_size == 0:
+_PIL_LIMIT = threading.Lock()
+
+
+def _open(source, max_pixels: int) -> Image.Image:
+    """``Image.open`` with our own pixel limit in place of Pillow's: Pillow refuses images above twice
+    its ``MAX_IMAGE_PIXELS`` whatever the caller allows, so when ``max_pixels`` is above that, Pillow's
+    check is lifted for this call only (under a lock; the setting is restored at once)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or max_pixels <= 2 * limit:
+        return Image.open(source)
+    with _PIL_LIMIT:
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(source)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
+def read_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *,
+               max_aspect: float | None = None, exif: bool = True) -> np.ndarray:
+    """Decode an image file (a path) or its content (``bytes``) into RGB ``uint8 [H,W,3]`` (see the
+    module docstring). The size is checked from the header, before the pixels are decoded: more than
+    ``max_pixels`` pixels, or a longer side more than ``max_aspect`` times the shorter one, is refused.
+    ``exif=False`` keeps the stored orientation."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
             raise ImageReadError("empty file (0 bytes)")
-    except FileNotFoundError:
-        raise ImageReadError("file not found") from None
-    except OSError as e:
-        raise ImageReadError(f"cannot read the file ({e.strerror or e})") from None
+        fp = io.BytesIO(source)
+    else:
+        path = Path(source)
+        kind = file_kind(path)
+        if kind == "missing":
+            raise ImageReadError("file not found")
+        if kind is not None:
+            raise ImageReadError(f"not a regular file: {kind}")
+        try:
+            if path.stat().st_size == 0:
+                raise ImageReadError("empty file (0 bytes)")
+        except OSError as e:
+            raise ImageReadError(f"cannot read the file ({e.strerror or e})") from None
+        fp = path
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
+            with _open(fp, max_pixels) as im:
                 w, h = im.size
                 if w * h > max_pixels:
                     raise ImageReadError(f"image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels} "
                                          "(a decompression bomb?); raise run.max_pixels to allow it")
                 if w == 0 or h == 0:
                     raise ImageReadError(f"image has zero area ({w}x{h})")
+                if max_aspect is not None and max(w, h) > max_aspect * min(w, h):
+                    raise ImageReadError(f"image is {w}x{h}: its aspect ratio {max(w, h) / min(w, h):.0f}:1 is beyond "
+                                         f"the limit of {max_aspect:g}:1 (run.max_aspect_ratio)")
                 im.seek(0)  # first frame of animations
-                im = ImageOps.exif_transpose(im)
+                if exif:
+                    im = ImageOps.exif_transpose(im)
                 return _rgb(im)
     except ImageReadError:
         raise
     except UnidentifiedImageError:
         raise ImageReadError("not an image (unrecognised file content)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageReadError(f"refused as a decompression bomb: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageReadError(f"cannot decode the image ({e}); the file may be truncated or corrupt") from None
+
+
+def decode_item(item: ImageItem, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect: float | None = None,
+                data: bytes | None = None) -> DecodedImage:
+    """Decode one item of a run (from ``data`` when given, else from its path), never raising for a bad
+    image: the error is returned instead.
+
+    With a ground-truth size (``item.expected_size``) the pixels must have that size: when they only do
+    without the EXIF rotation (the ground truth was made on the stored pixels), the stored orientation is
+    kept; otherwise the image fails with both sizes in the reason — masks of another size are never made.
+    """
+    source = data if data is not None else item.path
+    try:
+        image = read_image(source, max_pixels, max_aspect=max_aspect)
+        want = item.expected_size
+        if want is not None and tuple(image.shape[:2]) != tuple(want):
+            raw = read_image(source, max_pixels, max_aspect=max_aspect, exif=False)
+            if tuple(raw.shape[:2]) != tuple(want):
+                raise ImageReadError(f"the image is {image.shape[1]}x{image.shape[0]} but the ground truth says "
+                                     f"{want[1]}x{want[0]} (width x height); its masks would not match the "
+                                     "ground truth")
+            image = raw
+    except ImageReadError as e:
+        return DecodedImage(item, error=str(e))
+    return DecodedImage(item, image)
 
 
 def _rgb(im: Image.Image) -> np.ndarray:

@@ -10,11 +10,9 @@ Every path goes through ``open_clip.create_model``; nothing is ever unpickled in
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import logging
 import pickle
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,15 +20,14 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
+from ..export.files import sha256_file
+from ..models import SHIPPED_DIR, register_shipped, shipped_models
 
 log = logging.getLogger(__name__)
 
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "models"
-MANIFEST = SHIPPED_DIR / "MANIFEST.json"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-_registered: set[str] = set()
 
 
 @dataclass
@@ -44,43 +41,6 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     provenance: dict = field(default_factory=dict)
-
-
-def shipped_models() -> dict:
-    """The manifest of models shipped in the package: name → weights file, sha256, preprocessing."""
-    if not MANIFEST.exists():
-        return {}
-    return json.loads(MANIFEST.read_text(encoding="utf-8"))
-
-
-def register_shipped() -> None:
-    """Make the shipped model configs known to open_clip (idempotent)."""
-    import open_clip
-
-    if "__shipped__" in _registered:
-        return
-    if any(SHIPPED_DIR.glob("*.json")):
-        open_clip.add_model_config(SHIPPED_DIR)
-    _registered.add("__shipped__")
-
-
-def register_config(name: str, cfg: dict) -> None:
-    """Register an open_clip model config under ``name`` (through open_clip's own config registry)."""
-    import open_clip
-
-    if name in open_clip.list_models():
-        return
-    tmp = Path(tempfile.mkdtemp(prefix="ovlabel-cfg-"))
-    (tmp / f"{name}.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp / f"{name}.json")
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_device(device: str) -> torch.device:

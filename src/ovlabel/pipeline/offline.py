@@ -10,23 +10,12 @@ from ..config import Config, load_config
 from ..errors import CocoFormatError, InputError
 from ..export.categories import Categories, load_categories
 from ..export.coco import load_coco
+from ..export.files import ensure_writable_dir
 from ..export.heatmaps import list_heatmap_files, load_heatmaps
 from ..export.records import RecordWriter, finalize
 from ..postprocess import Postprocessor
 
 log = logging.getLogger(__name__)
-
-
-def ensure_writable_dir(path: str | Path) -> Path:
-    """Create ``path`` if needed and check a file can be written there (before any work starts)."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise InputError(f"output folder {path} is not writable ({e.strerror or e}); choose another --out") from None
-    return path
 
 
 def postprocess_heatmaps(
@@ -84,7 +73,7 @@ def postprocess_heatmaps(
                     image["file_name"] = gt_coco.imgs[rec.image_id].get("file_name", rec.file_name)
                 cat_ids = [cats.id_of(q, source=f"{f}: field 'queries'") for q in rec.queries]
                 try:
-                    dets = post(rec.heatmaps, rec.queries, cat_ids, rec.presence)
+                    dets = post(rec.maps, rec.queries, cat_ids, rec.presence)
                 except InputError as e:
                     raise InputError(f"{f}: {e}") from None
                 writer.write(image, dets)

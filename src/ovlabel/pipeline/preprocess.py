@@ -5,14 +5,14 @@ the model's mean/std and padded bottom/right with zeros (the mean colour) to the
 :class:`~ovlabel.postprocess.geometry.Letterbox` records the mapping back to original pixels.
 
 Tiling (images whose long side exceeds ``min_scale × size``): the image is covered by overlapping square
-tiles, each processed at the input size; their raw (unnormalised) maps are mapped back to the tile's
-region and averaged with a smooth window, then each query's fused map is min-max normalised once.
+tiles, each processed at the input size; their raw (unnormalised) maps are kept at model resolution and
+fused one query at a time (:class:`~ovlabel.postprocess.geometry.ImageMaps`): each is mapped back to its
+tile's region, averaged with a smooth window, then min-max normalised.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,25 +71,3 @@ def tile_regions(height: int, width: int, size: int, min_scale: float, overlap: 
         return sorted(set(out))
 
     return [Tile(y, y + side, x, x + side) for y in starts(height) for x in starts(width)]
-
-
-def tile_weight(h: int, w: int) -> np.ndarray:
-    """A smooth window (1 in the centre, tapering to 0.1 at the borders) for fusing tiles."""
-    wy = 0.1 + 0.9 * np.sin(np.pi * (np.arange(h) + 0.5) / h)
-    wx = 0.1 + 0.9 * np.sin(np.pi * (np.arange(w) + 0.5) / w)
-    return np.outer(wy, wx).astype(np.float32)
-
-
-def fuse_tiles(shape: tuple[int, int], tiles: Sequence[Tile], maps: Sequence[np.ndarray]) -> np.ndarray:
-    """Weighted average of per-tile raw maps ``[K,h,w]`` placed on the image; then per-query min-max."""
-    K = maps[0].shape[0]
-    acc = np.zeros((K, *shape), dtype=np.float32)
-    weight = np.zeros(shape, dtype=np.float32)
-    for t, m in zip(tiles, maps):
-        win = tile_weight(t.y1 - t.y0, t.x1 - t.x0)
-        acc[:, t.y0 : t.y1, t.x0 : t.x1] += m * win
-        weight[t.y0 : t.y1, t.x0 : t.x1] += win
-    fused = acc / np.maximum(weight, 1e-12)
-    lo = fused.reshape(K, -1).min(1)[:, None, None]
-    hi = fused.reshape(K, -1).max(1)[:, None, None]
-    return np.where(hi > lo, (fused - lo) / np.where(hi > lo, hi - lo, 1), 0).astype(np.float32)

@@ -7,6 +7,7 @@ are embedded the same way; they compete in the presence softmax and are never em
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,12 +83,13 @@ def encode_prompts(model, tokenizer, prompts: list[str], device: torch.device, b
     return torch.cat(out)
 
 
-@torch.no_grad()
-def encode_queries(model, tokenizer, qs: QuerySet, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Class embeddings ``[K,E]`` (ensembles) and background embeddings ``[M,E]`` (or ``None``), float32."""
+def embed_queries(encode: Callable[[list[str]], torch.Tensor],
+                  qs: QuerySet) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Class embeddings ``[K,E]`` (ensembles) and background embeddings ``[M,E]`` (or ``None``), float32,
+    with ``encode(prompts)`` giving unit embeddings of prompts (a backend's ``encode_text``)."""
     per_class = [qs.prompts(n) for n in qs.names]
     flat = [p for ps in per_class for p in ps]
-    emb = encode_prompts(model, tokenizer, flat, device)
+    emb = encode(flat)
     out, i = [], 0
     for ps in per_class:
         out.append(F.normalize(emb[i : i + len(ps)].mean(0), dim=-1))
@@ -96,7 +98,12 @@ def encode_queries(model, tokenizer, qs: QuerySet, device: torch.device) -> tupl
     background = None
     if qs.background:
         bg = [[t.format(b) for t in qs.templates] for b in qs.background]
-        be = encode_prompts(model, tokenizer, [p for ps in bg for p in ps], device)
+        be = encode([p for ps in bg for p in ps])
         background = torch.stack([F.normalize(be[j * len(qs.templates) : (j + 1) * len(qs.templates)].mean(0), dim=-1)
                                   for j in range(len(bg))])
     return text, background
+
+
+def encode_queries(model, tokenizer, qs: QuerySet, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`embed_queries` with an open_clip model and its tokenizer."""
+    return embed_queries(lambda prompts: encode_prompts(model, tokenizer, prompts, device), qs)

@@ -1,59 +1,77 @@
 """The labelling pipeline: load → preprocess → encode queries → explain (all queries, one forward per
 batch) → postprocess → write. ``Pipeline`` is the Python API; ``ovlabel label`` calls ``Pipeline.run``.
 
-Runs stream: one JSON line per image is appended to ``OUTDIR/records/`` after every batch, so memory
-stays flat and a killed run (even ``kill -9``) loses at most the batch in flight. ``resume=True`` skips the
-batches already recorded; ``shard=(i, n)`` takes every n-th batch of the deterministic batch list, so n
-processes split a dataset with no overlap, and ``ovlabel merge`` (or the run itself when n = 1) merges the
-records into ``predictions.json`` and ``dataset.json``. Batches are formed identically in every case, so
-results do not depend on how a run was split or interrupted.
+A run is three steps, so that other execution engines can reuse the first and the last:
+
+* :meth:`Pipeline.plan` — inputs, image ids, the run manifest (created at the first start, compared on
+  every later one), this shard's deterministic batches and which of them a previous attempt finished;
+* :meth:`Pipeline.execute` — the local engine: images decoded in DataLoader workers, each batch labelled
+  by :meth:`Pipeline.label_batch` (engine-neutral: decoded images in, records out) and appended to
+  ``OUTDIR/records/`` as complete lines, fsynced;
+* :meth:`Pipeline.finish` — ``run.yaml`` and, for an unsharded run, the merge into ``predictions.json``
+  and ``dataset.json``.
+
+Runs stream, so memory stays flat, and a killed run (even ``kill -9``) loses at most the batch in
+flight. ``resume=True`` skips the batches already recorded (failed images are recorded too and not
+retried, unless ``retry_failed=True``); ``shard=(i, n)`` takes every n-th batch of the deterministic batch
+list, so n processes split a dataset with no overlap, and ``ovlabel merge`` (or the run itself when
+n = 1) merges the records. Batches are formed identically in every case, so results do not depend on how
+a run was split or interrupted. One image that fails — unreadable, out of memory, non-finite maps —
+becomes a failure record; the run goes on.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import platform
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from .. import __version__
 from ..config import Config, deep_merge, load_config
-from ..errors import ConfigError, ImageReadError, InputError
+from ..errors import ImageReadError, InputError, OutputError
 from ..export.categories import Categories, load_categories
-from ..export.coco import load_coco, write_label_png
+from ..export.coco import check_png_category_ids, load_coco, write_label_png
+from ..export.files import ensure_writable_dir, fsync_dir, remove_stale_temps, sha256_file, write_yaml
 from ..export.heatmaps import save_heatmaps
 from ..export.overlays import draw_overlay, save_image_atomic
-from ..export.records import RecordWriter, done_image_ids, finalize, read_records
-from ..legrad import read_tower, resolve_layers
-from ..legrad.explain import explain, get_method
-from ..postprocess import Detections, Letterbox, Postprocessor, presence_scores
-from .images import ImageItem, coco_inputs, collect_inputs, read_image
+from ..export.records import RecordWriter, finalize, make_record, read_records
+from ..postprocess import Detections, ImageMaps, Letterbox, Postprocessor
+from ..postprocess.scoring import presence_from_logits
+from . import manifest as run_manifest
+from .backend import Backend, TorchBackend
+from .images import DecodedImage, ImageItem, coco_inputs, collect_inputs, decode_item
 from .models import LoadedModel, load_model
-from .offline import ensure_writable_dir
-from .preprocess import Normalization, Tile, fuse_tiles, tile_regions, to_input
-from .queries import QuerySet, build_queries, encode_prompts, encode_queries
+from .preprocess import Normalization, Tile, tile_regions, to_input
+from .queries import QuerySet, build_queries, embed_queries
 
 log = logging.getLogger(__name__)
 EMPTY_PROMPT = "a photo of a"
+EXTRA_DIRS = ("heatmaps", "overlays", "masks")
 
 
 @dataclass
 class ImageResult:
-    """The detections and heatmaps of one image (heatmaps ``[K,H,W]`` float32 at its resolution)."""
+    """The detections of one image and its maps (``maps``: model resolution with the geometry back to
+    the image; ``heatmaps``: ``[K,H,W]`` float32 at the image's resolution, computed on access)."""
 
     detections: Detections
-    heatmaps: np.ndarray
+    maps: ImageMaps
     queries: tuple[str, ...]
     presence: np.ndarray
+
+    @property
+    def heatmaps(self) -> np.ndarray:
+        return self.maps.full()
 
 
 @dataclass
@@ -64,6 +82,30 @@ class Prepared:
     letterbox: Letterbox | None = None
     tiles: list[tuple[Tile, torch.Tensor, Letterbox]] | None = None
     error: str | None = None
+    size: tuple[int, int] | None = None  # (H, W) of the decoded image
+
+
+@dataclass
+class RunPlan:
+    """Everything :meth:`Pipeline.execute` and :meth:`Pipeline.finish` need (see :meth:`Pipeline.plan`)."""
+
+    out_dir: Path
+    shard: tuple[int, int]
+    records: Path
+    run_yaml: Path
+    manifest: dict
+    queries: QuerySet
+    batches: list[list[ImageItem]]  # this shard's share
+    todo: list[list[ImageItem]]  # the batches not finished yet
+    meta: dict
+    gt: Any = None
+    ignored: list[str] = field(default_factory=list)
+    retry_failed: bool = False
+
+    @property
+    def tag(self) -> str:
+        i, n = self.shard
+        return "" if n == 1 else f".shard-{i}-of-{n}"
 
 
 def safe_name(item: ImageItem) -> str:
@@ -84,12 +126,8 @@ class _Dataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> Prepared:
-        item = self.items[i]
-        try:
-            image = read_image(item.path, self.cfg.run.max_pixels)
-        except ImageReadError as e:
-            return Prepared(item, error=str(e))
-        return prepare(item, image, self.cfg, self.patch, self.norm, self.keep_image)
+        decoded = decode_item(self.items[i], self.cfg.run.max_pixels, self.cfg.run.max_aspect_ratio)
+        return prepare_decoded(decoded, self.cfg, self.patch, self.norm, self.keep_image)
 
 
 def prepare(item: ImageItem, image: np.ndarray, cfg: Config, patch, norm: Normalization, keep_image: bool) -> Prepared:
@@ -104,7 +142,16 @@ def prepare(item: ImageItem, image: np.ndarray, cfg: Config, patch, norm: Normal
                 tiles.append((t, tensor, lb))
     tensor, lb = to_input(image, pre.size, patch, norm, pre.resize)
     keep = keep_image or tiles is not None
-    return Prepared(item, image if keep else None, tensor, lb, tiles)
+    return Prepared(item, image if keep else None, tensor, lb, tiles, size=tuple(image.shape[:2]))
+
+
+def prepare_decoded(decoded: DecodedImage, cfg: Config, patch, norm: Normalization, keep_image: bool) -> Prepared:
+    if decoded.error is not None:
+        return Prepared(decoded.item, error=decoded.error)
+    try:
+        return prepare(decoded.item, decoded.image, cfg, patch, norm, keep_image)
+    except (InputError, ValueError, MemoryError) as e:
+        return Prepared(decoded.item, error=f"preprocessing failed: {type(e).__name__}: {e}")
 
 
 def _collate(batch: list[Prepared]) -> list[Prepared]:
@@ -115,10 +162,14 @@ class Pipeline:
     """The labelling pipeline. Build it with :meth:`from_config`; call it on one image, or :meth:`run` it
     over inputs into an output folder."""
 
-    def __init__(self, config: Config, *, model: LoadedModel | None = None) -> None:
+    def __init__(self, config: Config, *, model: LoadedModel | None = None, backend: Backend | None = None) -> None:
+        from ..legrad.explain import get_method
+
         self.cfg = config
         self._model = model
-        self._query_cache: dict[tuple, tuple[QuerySet, torch.Tensor, torch.Tensor | None]] = {}
+        self._backend = backend
+        self._query_cache: dict[str, tuple[QuerySet, torch.Tensor, torch.Tensor | None]] = {}
+        self._empty: torch.Tensor | None = None
         self.postprocessor = Postprocessor.from_config(config.postprocess)
         self.method = get_method(config.explainer.method)  # unknown method: error before any work
 
@@ -154,26 +205,34 @@ class Pipeline:
         return self._model
 
     @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = TorchBackend(self.model, self.cfg.explainer)
+        return self._backend
+
+    @property
     def patch(self) -> tuple[int, int]:
-        return read_tower(self.model.model).patch_size
+        return self.backend.patch_size
 
     def layers(self) -> list[int]:
-        return resolve_layers(self.cfg.explainer.layers, len(read_tower(self.model.model).blocks),
-                              self.method.default_layers)
+        return list(self.backend.layers)
+
+    @property
+    def normalization(self) -> Normalization:
+        """``preprocess.mean``/``std`` when set, else the model's own."""
+        pre, be = self.cfg.preprocess, self.backend
+        return Normalization(tuple(pre.mean) if pre.mean else be.mean, tuple(pre.std) if pre.std else be.std)
 
     def queries(self, names: Sequence[str] | None = None, categories: Categories | None = None):
-        """The query set and its embeddings (computed once per distinct query list)."""
-        import open_clip
-
-        key = (tuple(names or ()), None if categories is None else (categories.ids, categories.names))
+        """The query set and its embeddings ``(qs, text [K,E], background [M,E] | None)``, computed once
+        per distinct query set."""
+        qs = build_queries(self.cfg.queries, categories, list(names) if names else None)
+        key = json.dumps(qs.describe(), sort_keys=True)
         if key not in self._query_cache:
-            qs = build_queries(self.cfg.queries, categories, list(names) if names else None)
-            lm = self.model
-            tokenizer = open_clip.get_tokenizer(lm.provenance.get("open_clip_arch", lm.name))
-            text, bg = encode_queries(lm.model, tokenizer, qs, lm.device)
+            text, bg = embed_queries(self.backend.encode_text, qs)
             self._query_cache[key] = (qs, text, bg)
-            if self.cfg.explainer.empty_prompt:
-                self._empty = encode_prompts(lm.model, tokenizer, [EMPTY_PROMPT], lm.device)[0]
+            if self.cfg.explainer.empty_prompt and self._empty is None:
+                self._empty = self.backend.encode_text([EMPTY_PROMPT])[0]
         return self._query_cache[key]
 
     # -------------------------------------------------------------------------------------- inference
@@ -210,35 +269,32 @@ class Pipeline:
         return [m / len(offsets) for m in maps], embs
 
     def _explain_inputs(self, tensors: list[torch.Tensor], text: torch.Tensor, raw: bool):
-        lm = self.model
-        ex = self.cfg.explainer
-        options: dict = {}
-        if ex.chunk_size:
-            options["chunk_size"] = ex.chunk_size
-        if ex.empty_prompt and not raw:
-            options["empty_prompt"] = self._empty
         groups: dict[tuple, list[int]] = {}
         for i, t in enumerate(tensors):
             groups.setdefault(tuple(t.shape), []).append(i)
         maps: list = [None] * len(tensors)
         embs: list = [None] * len(tensors)
+        empty = self._empty if self.cfg.explainer.empty_prompt else None
         for idx in groups.values():
-            batch = torch.stack([tensors[i] for i in idx]).to(lm.device, lm.dtype)
-            out = explain(lm.model, batch, text.to(lm.dtype), method=ex.method, layers=ex.layers,
-                          normalize=not raw, embeddings=True, **options)
+            out_maps, out_embs = self.backend.explain(torch.stack([tensors[i] for i in idx]), text, raw=raw,
+                                                      empty=empty)
             for j, i in enumerate(idx):
-                maps[i] = out.maps[j].float().cpu()
-                embs[i] = out.embeddings[j].float()
+                maps[i] = out_maps[j]
+                embs[i] = out_embs[j]
         return maps, embs
 
-    def _finish(self, prep: Prepared, maps, emb, qs: QuerySet, text, bg) -> ImageResult:
-        if prep.tiles:
-            heat = fuse_tiles(prep.image.shape[:2], [t for t, _, _ in prep.tiles], maps)
-        else:
-            heat = prep.letterbox.to_original(maps).numpy()
-        pres = presence_scores(self.model.model, emb[None], text, bg, self.cfg.postprocess.presence)[0]
-        dets = self.postprocessor(heat, qs.names, qs.categories.ids, pres)
-        return ImageResult(dets, np.asarray(heat, dtype=np.float32), qs.names, pres)  # no copy when float32
+    def presence(self, embeddings: torch.Tensor, text: torch.Tensor, background: torch.Tensor | None) -> np.ndarray:
+        """Presence ``[B,K]`` of each query in each image (see :mod:`ovlabel.postprocess.scoring`)."""
+        K = text.shape[0]
+        full = text if background is None or background.shape[0] == 0 else torch.cat([text, background])
+        logits = self.backend.logits(embeddings, full)
+        return presence_from_logits(logits[:, :K], logits[:, K:] if full is not text else None,
+                                    self.cfg.postprocess.presence, self.backend.has_logit_bias)
+
+    def _finish(self, prep: Prepared, maps: ImageMaps, emb, qs: QuerySet, text, bg) -> ImageResult:
+        pres = self.presence(emb[None], text, bg)[0]
+        dets = self.postprocessor(maps, qs.names, qs.categories.ids, pres)
+        return ImageResult(dets, maps, qs.names, pres)
 
     def process(self, batch: list[Prepared], qs: QuerySet, text, bg) -> list[ImageResult | None]:
         """Results for prepared images (``None`` where ``prep.error`` is set)."""
@@ -248,23 +304,85 @@ class Pipeline:
         if plain:
             maps, embs = self._explain([p.tensor for p in plain], text)
             for p, m, e in zip(plain, maps, embs):
-                results[id(p)] = self._finish(p, m, e, qs, text, bg)
+                h, w = p.letterbox.resized
+                self._check_finite(m, p)
+                image_maps = ImageMaps(m[:, :h, :w].numpy(), p.letterbox.original)
+                results[id(p)] = self._finish(p, image_maps, e, qs, text, bg)
         for p in ok:
             if p.tiles:
                 raw, _ = self._explain([t for _, t, _ in p.tiles], text, raw=True)
-                tile_maps = [lb.to_original(m).numpy() for (_, _, lb), m in zip(p.tiles, raw)]
-                _, (emb,) = self._explain([p.tensor], text)
-                results[id(p)] = self._finish(p, tile_maps, emb, qs, text, bg)
+                crops = []
+                for (_, _, lb), m in zip(p.tiles, raw):
+                    self._check_finite(m, p)
+                    crops.append(m[:, : lb.resized[0], : lb.resized[1]].numpy())
+                emb = self.backend.embed(p.tensor[None])[0]
+                image_maps = ImageMaps.from_tiles(p.size, [t for t, _, _ in p.tiles], crops)
+                results[id(p)] = self._finish(p, image_maps, emb, qs, text, bg)
         return [results.get(id(p)) for p in batch]
+
+    @staticmethod
+    def _check_finite(maps: torch.Tensor, prep: Prepared) -> None:
+        if not torch.isfinite(maps).all():
+            raise FloatingPointError("the explainer returned NaN or infinite maps (half-precision overflow? "
+                                     "try --precision fp32)")
 
     def __call__(self, image: str | Path | np.ndarray | Any, queries: Sequence[str] | None = None) -> ImageResult:
         """Label one image (a path, a PIL image or an RGB array) with ``queries`` (default: the config's)."""
         qs, text, bg = self.queries(queries)
         arr = _as_rgb(image, self.cfg.run.max_pixels)
         item = ImageItem(0, Path(str(image)) if isinstance(image, (str, Path)) else Path("image"), "image")
-        lm = self.model
-        prep = prepare(item, arr, self.cfg, self.patch, Normalization(lm.mean, lm.std), keep_image=False)
+        prep = prepare(item, arr, self.cfg, self.patch, self.normalization, keep_image=False)
         return self.process([prep], qs, text, bg)[0]
+
+    # ------------------------------------------------------------------------------------- per batch
+    def label_batch(self, images: Sequence[DecodedImage], out_dir: str | Path | None = None, *,
+                    queries: Sequence[str] | None = None, categories: Categories | None = None) -> list[dict]:
+        """Label decoded images (from any engine) and return their records, ready for
+        :meth:`ovlabel.export.records.RecordWriter.append`. Per-image outputs (heatmaps, overlays, masks)
+        are written into ``out_dir`` when the config asks for them."""
+        qs, text, bg = self.queries(queries, categories)
+        norm = self.normalization
+        keep = self.cfg.export.overlays
+        prepared = [prepare_decoded(d, self.cfg, self.patch, norm, keep) for d in images]
+        return self._label_prepared(prepared, qs, text, bg, None if out_dir is None else Path(out_dir))
+
+    def _label_prepared(self, batch: list[Prepared], qs: QuerySet, text, bg, out_dir: Path | None) -> list[dict]:
+        """Records of a prepared batch. A batch that fails is retried image by image; an image that fails
+        alone gets a failure record (``--strict``: the run stops there). Writing errors (a full disk) stop
+        the run."""
+        try:
+            results: list[ImageResult | str | None] = list(self.process(batch, qs, text, bg))
+        except Exception as e:  # noqa: BLE001 — one image's failure must not stop a run
+            if len(batch) == 1:
+                results = [_failure(e)]
+            else:
+                log.info("batch failed (%s); retrying its images one by one", e)
+                results = []
+                for p in batch:
+                    try:
+                        results.extend(self.process([p], qs, text, bg))
+                    except Exception as e1:  # noqa: BLE001
+                        results.append(_failure(e1))
+        records = []
+        for prep, res in zip(batch, results):
+            image = {"id": prep.item.id, "file_name": prep.item.file_name}
+            if isinstance(res, ImageResult) and out_dir is not None:
+                try:
+                    self._write_extras(out_dir, prep, res)
+                except OutputError:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    res = _failure(e, "writing its outputs")
+            if isinstance(res, ImageResult):
+                H, W = res.maps.size
+                records.append(make_record({**image, "width": int(W), "height": int(H)}, res.detections))
+                continue
+            error = prep.error if res is None else res
+            if self.cfg.run.strict:
+                raise ImageReadError(f"{prep.item.path}: {error}")
+            log.warning("skipped %s: %s", prep.item.path, error)
+            records.append(make_record({**image, "width": 0, "height": 0}, error=error))
+        return records
 
     # ------------------------------------------------------------------------------------------- runs
     def run(
@@ -278,17 +396,41 @@ class Pipeline:
         images_dir: str | Path | None = None,
         resume: bool = False,
         shard: tuple[int, int] = (0, 1),
+        retry_failed: bool = False,
         command: str | None = None,
     ) -> dict:
-        """Label ``inputs`` into ``out_dir`` (see the module docstring). Returns the run summary."""
+        """Label ``inputs`` into ``out_dir``: :meth:`plan`, :meth:`execute`, :meth:`finish` (see the
+        module docstring). Returns the run summary."""
+        plan = self.plan(inputs, out_dir, queries=queries, queries_file=queries_file, coco_gt=coco_gt,
+                         images_dir=images_dir, resume=resume, shard=shard, retry_failed=retry_failed,
+                         command=command)
+        counts = self.execute(plan)
+        return self.finish(plan, counts)
+
+    def plan(
+        self,
+        inputs: Sequence[str | Path] = (),
+        out_dir: str | Path = "ovlabel-out",
+        *,
+        queries: Sequence[str] | None = None,
+        queries_file: str | Path | None = None,
+        coco_gt: str | Path | None = None,
+        images_dir: str | Path | None = None,
+        resume: bool = False,
+        shard: tuple[int, int] = (0, 1),
+        retry_failed: bool = False,
+        command: str | None = None,
+    ) -> RunPlan:
+        """Check everything that can be wrong before any work, freeze the run in its manifest (or check
+        this command against it) and list this shard's batches and those still to do."""
         started = _now()
         cfg = self.cfg
         index, count = shard
         if not (count >= 1 and 0 <= index < count):
             raise InputError(f"--shard must be I/N with 0 <= I < N, got {index}/{count}")
-        # ---- everything that can be wrong is checked before any work
         gt = None
         categories = None
+        ignored: list[str] = []
         if coco_gt is not None:
             if images_dir is None:
                 raise InputError("--coco-gt needs --images-dir (the folder the file names are relative to)")
@@ -299,101 +441,164 @@ class Pipeline:
                                  "--queries-file")
             gt = load_coco(coco_gt)
             categories = Categories.from_coco(gt.dataset["categories"])
-            items = coco_inputs(gt, images_dir)
-            ignored: list[str] = []
+            scanned = coco_inputs(gt, images_dir)
+            input_desc: dict = {"coco_gt": str(Path(coco_gt).absolute()), "coco_gt_sha256": sha256_file(coco_gt),
+                                "images_dir": str(Path(images_dir).absolute())}
         else:
             if not inputs:
                 raise InputError("no inputs: pass folders, image files or .txt lists, or --coco-gt with --images-dir")
-            items, ignored = collect_inputs(list(inputs))
+            scanned, ignored = collect_inputs(list(inputs))
+            input_desc = {"paths": [str(Path(i).expanduser().absolute()) for i in inputs]}
         if queries_file is not None:
             categories = load_categories(queries_file)
-        qs, text, bg = self.queries(queries, categories)
+        qs, _, _ = self.queries(queries, categories)
+        if cfg.export.masks == "semantic":
+            check_png_category_ids(qs.categories.ids)
         out_dir = ensure_writable_dir(out_dir)
         tag = "" if count == 1 else f".shard-{index}-of-{count}"
         records = out_dir / "records" / f"records{tag}.jsonl"
+        manifest_path = out_dir / run_manifest.NAME
         if records.exists() and not resume:
             raise InputError(f"{out_dir} already holds a run ({records.relative_to(out_dir)}); pass --resume to "
                              "continue it, or choose another --out")
-        lm = self.model
-        layer_ids = self.layers()
+        settings = self.settings(qs)
+        current = run_manifest.build(inputs=input_desc, items=scanned, settings=settings, shards=count)
+        if manifest_path.exists() or resume:
+            if not manifest_path.exists():
+                if records.exists():
+                    raise InputError(f"{out_dir} has records but no {run_manifest.NAME} (a run of an older "
+                                     "ovlabel?); it cannot be resumed safely — start it again in a new --out")
+                stored = run_manifest.create(manifest_path, current)
+            else:
+                stored = run_manifest.load(manifest_path)
+            run_manifest.check_same_run(stored, current, str(out_dir))
+        else:
+            stored = run_manifest.create(manifest_path, current)
+            run_manifest.check_same_run(stored, current, str(out_dir))  # another shard may have won the race
+        items = run_manifest.items(stored)
+        if stored["images_sha256"] != current["images_sha256"]:
+            known = {it.file_name for it in items}
+            added = [it.file_name for it in scanned if it.file_name not in known]
+            missing = len(known - {it.file_name for it in scanned})
+            log.warning("the inputs changed since this run started: %d new file(s) are not part of it (start a "
+                        "new run for them: %s), %d listed file(s) are gone and will be reported as failures; "
+                        "image ids stay as they were", len(added), ", ".join(added[:5]), missing)
 
-        # ---- deterministic batches; this shard's share; skip what a previous attempt finished
         B = cfg.run.batch_size
         batches = [items[k : k + B] for k in range(0, len(items), B)][index::count]
-        done = done_image_ids([records]) if resume else set()
+        done = _done_ids(records, retry_failed) if resume else set()
         todo = [b for b in batches if not all(it.id in done for it in b)]
-        todo_items = [it for b in todo for it in b]
-        skipped = sum(len(b) for b in batches) - len(todo_items)
-        meta = self._provenance(cfg, qs, layer_ids, started, command, shard, inputs, coco_gt, images_dir)
-        run_yaml = out_dir / f"run{tag}.yaml"
-        _write_yaml(run_yaml, {**meta, "status": "running"})
+        names = {f"{safe_name(it)}{ext}" for b in batches for it in b for ext in (".npz", ".jpg", ".png")}
+        for sub in EXTRA_DIRS:  # temporary files a killed attempt of this shard left behind
+            remove_stale_temps(out_dir / sub, names)
+        remove_stale_temps(out_dir, {f"run{tag}.yaml", "predictions.json", "dataset.json"} if count == 1
+                           else {f"run{tag}.yaml"})
+        meta = self._provenance(cfg, qs, started, command, shard, inputs, coco_gt, images_dir)
+        plan = RunPlan(out_dir, (index, count), records, out_dir / f"run{tag}.yaml", stored, qs, batches, todo,
+                       meta, gt, ignored, retry_failed)
+        write_yaml(plan.run_yaml, {**meta, "status": "running"})
+        return plan
 
-        norm = Normalization(lm.mean, lm.std)
-        keep_image = cfg.export.overlays
+    def settings(self, qs: QuerySet) -> dict:
+        """Everything that changes a run's results, as recorded in its manifest."""
+        cfg, be = self.cfg, self.backend
+        model = {k: v for k, v in be.describe().items() if k not in ("device", "mean", "std", "checkpoint")}
+        norm = self.normalization
+        return {
+            "model": model,
+            "explainer": {"method": cfg.explainer.method, "layers": self.layers(),
+                          "empty_prompt": cfg.explainer.empty_prompt, "shifts": cfg.explainer.shifts},
+            "queries": qs.describe(),
+            "preprocess": {**cfg.preprocess.model_dump(), "mean": list(norm.mean), "std": list(norm.std)},
+            "postprocess": cfg.postprocess.model_dump(),
+            "export": cfg.export.model_dump(),
+            "run": {"batch_size": cfg.run.batch_size, "max_pixels": cfg.run.max_pixels,
+                    "max_aspect_ratio": cfg.run.max_aspect_ratio},
+        }
+
+    def execute(self, plan: RunPlan) -> dict:
+        """The local engine: decode in DataLoader workers, label batch by batch, append the records."""
+        cfg = self.cfg
+        todo_items = [it for b in plan.todo for it in b]
         loader = torch.utils.data.DataLoader(
-            _Dataset(todo_items, cfg, self.patch, norm, keep_image), batch_size=B, shuffle=False,
-            num_workers=cfg.run.workers if len(todo_items) > 1 else 0, collate_fn=_collate,
-            persistent_workers=False)
-        counts = {"images": sum(len(b) for b in batches), "resumed_skipped": skipped, "labelled": 0, "failed": 0,
-                  "detections": 0}
+            _Dataset(todo_items, cfg, self.patch, self.normalization, cfg.export.overlays),
+            batch_size=cfg.run.batch_size, shuffle=False,
+            num_workers=cfg.run.workers if len(todo_items) > 1 else 0, collate_fn=_collate, persistent_workers=False)
+        counts = {"images": sum(len(b) for b in plan.batches), "resumed_skipped": sum(len(b) for b in plan.batches)
+                  - len(todo_items), "labelled": 0, "failed": 0, "detections": 0}
+        qs, text, bg = self.queries(None, plan.queries.categories)
         from tqdm import tqdm
 
         progress = tqdm(total=len(todo_items), unit="img", disable=not cfg.run.progress, dynamic_ncols=True,
-                        desc=f"ovlabel{tag}")
-        with RecordWriter(records) as writer:
-            for batch in loader:
-                results = self.process(batch, qs, text, bg)
-                for prep, res in zip(batch, results):
-                    image_info = {"id": prep.item.id, "file_name": prep.item.file_name}
-                    if res is None:
-                        if cfg.run.strict:
-                            writer.flush()
-                            raise ImageReadError(f"{prep.item.path}: {prep.error}")
-                        writer.write({**image_info, "width": 0, "height": 0}, error=prep.error)
-                        counts["failed"] += 1
-                        log.warning("skipped %s: %s", prep.item.path, prep.error)
-                        continue
-                    H, W = res.heatmaps.shape[1:]
-                    image_info.update(width=int(W), height=int(H))
-                    self._write_extras(out_dir, prep, res)
-                    writer.write(image_info, res.detections)
-                    counts["labelled"] += 1
-                    counts["detections"] += len(res.detections)
-                writer.flush()
-                progress.update(len(batch))
-                progress.set_postfix(failed=counts["failed"], dets=counts["detections"])
-        progress.close()
+                        desc=f"ovlabel{plan.tag}")
+        done = 0
+        try:
+            with RecordWriter(plan.records) as writer:
+                if writer.torn_bytes:
+                    log.warning("%s ended with a partial record (%d bytes, cut off by an interruption); removed",
+                                plan.records, writer.torn_bytes)
+                for batch in loader:
+                    records = self._label_prepared(batch, qs, text, bg, plan.out_dir)
+                    for sub in self._extra_dirs(plan.out_dir):  # outputs durable before their records
+                        fsync_dir(sub)
+                    writer.append(records)
+                    done += len(records)
+                    for r in records:
+                        if "error" in r:
+                            counts["failed"] += 1
+                        else:
+                            counts["labelled"] += 1
+                            counts["detections"] += len(r["results"])
+                    progress.update(len(batch))
+                    progress.set_postfix(failed=counts["failed"], dets=counts["detections"])
+        except OutputError as e:
+            raise OutputError(f"{e}\n{done} image(s) labelled in this attempt are kept in {plan.records}; once "
+                              "the problem is fixed, rerun the same command with --resume") from None
+        finally:
+            progress.close()
+        return counts
 
+    def _extra_dirs(self, out_dir: Path) -> list[Path]:
+        exp = self.cfg.export
+        wanted = {"heatmaps": exp.heatmaps, "overlays": exp.overlays, "masks": exp.masks is not None}
+        return [out_dir / d for d, on in wanted.items() if on and (out_dir / d).is_dir()]
+
+    def finish(self, plan: RunPlan, counts: dict) -> dict:
+        """Write ``run.yaml`` and, for an unsharded run, merge the records into the COCO files."""
+        cfg = self.cfg
         failures = [{"file": r["image"]["file_name"], "error": r["error"]}
-                    for r in read_records([records]) if "error" in r]
-        summary = {**meta, "status": "complete", "end_time": _now(), "counts": counts, "failures": failures,
-                   "ignored_non_images": ignored}
-        if count == 1:
-            merged = finalize([records], out_dir, qs.categories, gt=gt, segmentation=cfg.export.segmentation,
-                              info={"description": "ovlabel pseudo-labels", "version": __version__})
+                    for r in _latest_records([plan.records]) if "error" in r]
+        summary = {**plan.meta, "status": "complete", "end_time": _now(), "counts": counts, "failures": failures,
+                   "ignored_non_images": plan.ignored}
+        if plan.shard[1] == 1:
+            try:
+                merged = finalize([plan.records], plan.out_dir, plan.queries.categories, gt=plan.gt,
+                                  segmentation=cfg.export.segmentation,
+                                  info={"description": "ovlabel pseudo-labels", "version": __version__})
+            except OutputError as e:
+                raise OutputError(f"{e}\nAll images are labelled (records kept); once the problem is fixed, rerun the "
+                                  "same command with --resume to write the merged files") from None
             summary["outputs"] = {"predictions": "predictions.json", "dataset": "dataset.json",
                                   "annotations": merged["annotations"], "images": merged["images"]}
-        _write_yaml(run_yaml, summary)
+        write_yaml(plan.run_yaml, summary)
         return summary
 
     def _write_extras(self, out_dir: Path, prep: Prepared, res: ImageResult) -> None:
         exp = self.cfg.export
         name = safe_name(prep.item)
         if exp.heatmaps:
-            save_heatmaps(out_dir / "heatmaps" / f"{name}.npz", res.heatmaps, res.queries, prep.item.id,
-                          prep.item.file_name, presence=res.presence)
+            save_heatmaps(out_dir / "heatmaps" / f"{name}.npz", res.maps, res.queries, prep.item.id,
+                          prep.item.file_name, presence=res.presence, durable=False)
         if exp.masks:
-            write_label_png(out_dir / "masks" / f"{name}.png", res.detections, exp.masks)
+            write_label_png(out_dir / "masks" / f"{name}.png", res.detections, exp.masks, durable=False)
         if exp.overlays and prep.image is not None:
             save_image_atomic(out_dir / "overlays" / f"{name}.jpg",
-                              draw_overlay(prep.image, res.detections, res.heatmaps, res.queries))
+                              draw_overlay(prep.image, res.detections, res.maps, res.queries), durable=False)
 
-    def _provenance(self, cfg: Config, qs: QuerySet, layer_ids, started, command, shard, inputs, coco_gt,
-                    images_dir) -> dict:
+    def _provenance(self, cfg: Config, qs: QuerySet, started, command, shard, inputs, coco_gt, images_dir) -> dict:
         import open_clip
         import timm
 
-        lm = self.model
         return {
             "ovlabel": __version__,
             "versions": {k: str(v) for k, v in {
@@ -404,61 +609,50 @@ class Pipeline:
             "start_time": started,
             "shard": f"{shard[0]}/{shard[1]}",
             "inputs": [str(i) for i in inputs] if inputs else {"coco_gt": str(coco_gt), "images_dir": str(images_dir)},
-            "model": {**lm.provenance, "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
-                      "mean": list(lm.mean), "std": list(lm.std)},
-            "explainer": {"method": cfg.explainer.method, "layers": layer_ids,
+            "model": self.backend.describe(),
+            "explainer": {"method": cfg.explainer.method, "layers": self.layers(),
                           "layers_setting": cfg.explainer.layers, "empty_prompt": cfg.explainer.empty_prompt},
             "queries": qs.describe(),
             "config": cfg.model_dump(exclude={"extends"}),
         }
 
 
+def _failure(e: BaseException, during: str = "labelling") -> str:
+    """The reason recorded for an image whose processing raised ``e``."""
+    if isinstance(e, OutputError):
+        raise e
+    message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    kind = "out of memory" if isinstance(e, MemoryError) or "out of memory" in message.lower() else type(e).__name__
+    return f"{during} failed ({kind}){': ' + message if message else ''}"
+
+
+def _latest_records(paths) -> list[dict]:
+    latest: dict[int, dict] = {}
+    for rec in read_records(paths):
+        latest[int(rec["image"]["id"])] = rec
+    return [latest[k] for k in sorted(latest)]
+
+
+def _done_ids(records: Path, retry_failed: bool) -> set[int]:
+    """Ids with a record (with ``retry_failed``, only those whose latest record is not a failure)."""
+    return {int(r["image"]["id"]) for r in _latest_records([records]) if not (retry_failed and "error" in r)}
+
+
 def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
-    """Merge the records of shard runs (or any runs over disjoint or repeated images) into one set of
-    files in ``out_dir``; identical to a single-process run of the same images and config."""
-    run_dirs = [Path(d) for d in run_dirs]
-    metas, record_files = [], []
-    for d in run_dirs:
-        yamls = sorted(d.glob("run*.yaml"))
-        recs = sorted((d / "records").glob("records*.jsonl"))
-        if not yamls or not recs:
-            raise InputError(f"{d} is not an ovlabel run folder (no run*.yaml and records/records*.jsonl)")
-        for y in yamls:
-            metas.append((y, yaml.safe_load(y.read_text(encoding="utf-8"))))
-        record_files += recs
-    incomplete = [str(y) for y, m in metas if m.get("status") != "complete"]
-    if incomplete:
-        raise InputError(f"runs not complete (resume them first): {', '.join(incomplete)}")
-    first = metas[0][1]
-    for y, m in metas[1:]:
-        for key in ("queries", "config"):
-            if m.get(key) != first.get(key):
-                raise ConfigError(f"{y} was run with different {key} than {metas[0][0]}; only runs of the same "
-                                  "configuration can be merged")
-    cats = Categories(tuple(first["queries"]["ids"]), tuple(first["queries"]["names"]))
-    out_dir = ensure_writable_dir(out_dir)
-    inputs = first.get("inputs")
-    gt = load_coco(inputs["coco_gt"]) if isinstance(inputs, dict) and inputs.get("coco_gt") not in (None, "None") \
-        else None
-    merged = finalize(record_files, out_dir, cats, gt=gt, segmentation=first["config"]["export"]["segmentation"],
-                      info={"description": "ovlabel pseudo-labels", "version": __version__})
-    summary = {"ovlabel": __version__, "status": "complete", "merged_from": [str(y) for y, _ in metas],
-               "end_time": _now(), "queries": first["queries"], "config": first["config"],
-               "model": first["model"], "explainer": first["explainer"],
-               "counts": {"images": merged["images"], "annotations": merged["annotations"],
-                          "failed": len(merged["failures"])}, "failures": merged["failures"]}
-    _write_yaml(out_dir / "run.yaml", summary)
-    return summary
+    """Moved to :func:`ovlabel.pipeline.merge.merge_runs` (kept here for imports of earlier versions)."""
+    from .merge import merge_runs as _merge
+
+    return _merge(run_dirs, out_dir)
 
 
 def _as_rgb(image, max_pixels: int) -> np.ndarray:
     from PIL import Image
 
+    from .images import _rgb, _to_uint8, read_image
+
     if isinstance(image, (str, Path)):
         return read_image(image, max_pixels)
     if isinstance(image, Image.Image):
-        from .images import _rgb
-
         return _rgb(image)
     arr = np.asarray(image)
     if arr.ndim == 2:
@@ -466,8 +660,6 @@ def _as_rgb(image, max_pixels: int) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise InputError(f"an image array must be [H,W,3] (RGB) or [H,W], got shape {arr.shape}")
     if arr.dtype != np.uint8:
-        from .images import _to_uint8
-
         arr = _to_uint8(arr)
     return np.ascontiguousarray(arr[..., :3])
 
@@ -485,12 +677,4 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _write_yaml(path: Path, data: dict) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        yaml.safe_dump(data, f, sort_keys=False, allow_unicode=True)
-    os.replace(tmp, path)
-
+__all__ = ["ImageResult", "Pipeline", "RunPlan"]

@@ -1,31 +1,26 @@
-"""``Postprocessor``: the heatmaps of one image → scored instance masks and boxes (``Detections``)."""
+"""``Postprocessor``: the maps of one image → scored instance masks and boxes (``Detections``).
+
+Queries are processed one at a time — map at full resolution → threshold → components → compact
+candidates (RLE, score) → map freed — so memory stays at a few full-resolution maps whatever the number
+of queries; masks are never materialised for candidates, and NMS and top-k run on RLEs.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-import torch
 from pycocotools import mask as mask_utils
 
 from ..errors import InputError
 from .detections import Detections
-from .masks import Instances, ThresholdSpec, find_instances
+from .geometry import ImageMaps, minmax
+from .masks import ThresholdSpec, find_instances
 from .scoring import combine
 
 NMS_KINDS = (None, "mask", "box")
-
-
-def minmax(heat: np.ndarray) -> np.ndarray:
-    """Per-map min-max to [0,1]; a constant map becomes zeros."""
-    heat = np.asarray(heat, dtype=np.float32)
-    lo, hi = float(heat.min()), float(heat.max())
-    if hi <= lo:
-        return np.zeros_like(heat, dtype=np.float32)
-    out = heat - np.float32(lo)
-    out /= np.float32(hi - lo)
-    return out
 
 
 def nms(dets: Detections, iou_threshold: float, kind: str = "mask") -> Detections:
@@ -34,7 +29,7 @@ def nms(dets: Detections, iou_threshold: float, kind: str = "mask") -> Detection
         return dets
     dets = dets.sorted()
     if kind == "mask":
-        objs = dets.rles()
+        objs = dets.raw_rles()
     elif kind == "box":
         objs = dets.boxes.tolist()
     else:
@@ -45,6 +40,21 @@ def nms(dets: Detections, iou_threshold: float, kind: str = "mask") -> Detection
         if all(iou[i, j] <= iou_threshold for j in keep):
             keep.append(i)
     return dets.select(keep)
+
+
+def as_image_maps(heatmaps: Any) -> ImageMaps:
+    """``ImageMaps``, a ``[K,H,W]`` array or tensor → ``ImageMaps`` (arrays are taken as full resolution)."""
+    if isinstance(heatmaps, ImageMaps):
+        return heatmaps
+    if hasattr(heatmaps, "detach"):  # a torch tensor
+        heatmaps = heatmaps.detach().cpu().numpy()
+    heat = np.asarray(heatmaps)
+    if heat.ndim != 3:
+        raise InputError(f"heatmaps must be [K,H,W], got shape {heat.shape}")
+    K, H, W = heat.shape
+    if H == 0 or W == 0:
+        raise InputError(f"heatmaps have zero area ({W}x{H})")
+    return ImageMaps(heat, (H, W))
 
 
 @dataclass(frozen=True)
@@ -96,52 +106,48 @@ class Postprocessor:
 
     def __call__(
         self,
-        heatmaps: np.ndarray | torch.Tensor,
+        heatmaps: ImageMaps | np.ndarray,
         labels: Sequence[str],
         category_ids: Sequence[int],
         presence: Sequence[float] | np.ndarray | None = None,
     ) -> Detections:
-        """``heatmaps`` ``[K,H,W]`` (normalised or raw) of one image → its detections, best first."""
-        heat = heatmaps.detach().cpu().numpy() if isinstance(heatmaps, torch.Tensor) else np.asarray(heatmaps)
-        if heat.ndim != 3:
-            raise InputError(f"heatmaps must be [K,H,W], got shape {heat.shape}")
-        K, H, W = heat.shape
-        if H == 0 or W == 0:
-            raise InputError(f"heatmaps have zero area ({W}x{H})")
+        """The maps of one image — ``ImageMaps`` or a ``[K,H,W]`` array (normalised or raw) — → its
+        detections, best first."""
+        maps = as_image_maps(heatmaps)
+        K = len(maps)
+        H, W = maps.size
         if len(labels) != K or len(category_ids) != K:
             raise InputError(f"{K} heatmaps but {len(labels)} labels and {len(category_ids)} category ids")
-        if not np.isfinite(heat).all():
-            bad = sorted({int(k) for k in np.argwhere(~np.isfinite(heat))[:, 0]})
-            raise InputError(f"heatmaps {bad} contain NaN or infinite values")
         pres = np.ones(K) if presence is None else np.asarray(presence, dtype=np.float64).reshape(-1)
         if pres.shape != (K,) or not np.isfinite(pres).all() or pres.min() < 0 or pres.max() > 1:
             raise InputError(f"presence must be {K} finite values in [0,1], got {pres.tolist()[:8]}")
         min_area = max(int(self.min_area), int(np.ceil(self.min_area_fraction * H * W)))
 
-        # candidates as (query, instances, index, presence, evidence); masks are built only for those kept
-        cands: list[tuple[int, Instances, int, float, float]] = []
+        # candidates, one query at a time: (query, RLE, presence, evidence)
+        cands: list[tuple[int, dict, float, float]] = []
         for k in range(K):
             if pres[k] < self.presence_threshold:
                 continue
-            h = minmax(heat[k])
+            h = maps.query(k)
+            if not np.isfinite(h).all():
+                raise InputError(f"heatmaps [{k}] contain NaN or infinite values")
+            h = minmax(h, inplace=True)
             spec = self.class_thresholds.get(labels[k], self.threshold)
             found = find_instances(h, spec, instances=self.instances, min_area=min_area, opening=self.opening,
                                    closing=self.closing, fill_holes=self.fill_holes)
             for j, ev in enumerate(found.mean(h)):
-                cands.append((k, found, j, float(pres[k]), float(ev)))
-        scores = np.array([combine(c[3], c[4]) for c in cands])
+                cands.append((k, found.rle(j), float(pres[k]), float(ev)))
+            del h, found
+        scores = np.array([combine(c[2], c[3]) for c in cands])
         order = [int(i) for i in np.argsort(-scores, kind="stable") if scores[i] >= self.score_threshold]
         if self.nms is None:
             order = order[: self.max_detections]
         if not order:
             return Detections.empty(H, W)
         kept = [cands[i] for i in order]
-        masks = np.empty((len(kept), H, W), dtype=bool)
-        for out, (_, found, j, _, _) in zip(masks, kept):
-            found.mask(j, out=out)
-        dets = Detections(masks, scores[order],
-                          [int(category_ids[c[0]]) for c in kept], tuple(labels[c[0]] for c in kept),
-                          presence=[c[3] for c in kept], evidence=[c[4] for c in kept])
+        dets = Detections.from_rles([c[1] for c in kept], (H, W), scores[order],
+                                    [int(category_ids[c[0]]) for c in kept], tuple(labels[c[0]] for c in kept),
+                                    presence=[c[2] for c in kept], evidence=[c[3] for c in kept])
         if self.nms is not None:
             dets = nms(dets, self.nms_iou, self.nms).select(slice(0, self.max_detections))
         return dets

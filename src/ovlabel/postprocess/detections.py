@@ -2,21 +2,24 @@
 
 Everything downstream (COCO export, PNG masks, overlays, NMS) takes this type. Conventions:
 
-* ``masks``: ``[N,H,W]`` bool at the image's resolution — the source of truth;
-* ``boxes``: ``[N,4]`` float64 **XYWH** in pixels (COCO), always derived from the masks and equal to
-  ``pycocotools.mask.toBbox`` of their RLE;
+* masks are held as compressed RLE (pycocotools), so that a 12-megapixel image with a hundred
+  detections costs kilobytes, not a gigabyte; ``masks`` decodes them all (``[N,H,W]`` bool) and
+  ``mask(i)`` one of them, when a dense mask is really needed;
+* ``boxes``: ``[N,4]`` float64 **XYWH** in pixels, COCO's convention: ``(x, y)`` is the top-left corner of
+  the top-left pixel, ``w``/``h`` count pixels (the box ends at ``x + w``, exclusive) — always derived
+  from the masks, equal to ``pycocotools.mask.toBbox`` of their RLE;
 * ``scores``: ``[N]`` float64 in [0,1]; ``category_ids``: ``[N]`` int64 (the dataset's own ids);
   ``labels``: ``N`` strings (the query / category name);
 * optional per-detection ``presence`` and ``evidence`` (the two factors of the score, see
   :mod:`ovlabel.postprocess.scoring`).
 
 Construction checks shapes, dtypes and values and says what was expected. Every operation is empty-safe.
+This module does not import torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -45,29 +48,66 @@ def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
     return boxes
 
 
-@dataclass(frozen=True)
-class Detections:
-    masks: np.ndarray
-    scores: np.ndarray
-    category_ids: np.ndarray
-    labels: tuple[str, ...]
-    boxes: np.ndarray = field(default=None)  # derived from masks when not given
-    presence: np.ndarray | None = None
-    evidence: np.ndarray | None = None
+def _vector(name: str, value, n: int, dtype=np.float64) -> np.ndarray:
+    arr = np.asarray(value, dtype=dtype).reshape(-1)
+    if arr.shape[0] != n:
+        raise InputError(f"{name} has {arr.shape[0]} entries but there are {n} masks")
+    return arr
 
-    def __post_init__(self) -> None:
-        masks = np.asarray(self.masks)
+
+class Detections:
+    """The detections of one image (see the module docstring).
+
+    ``Detections(masks, scores, category_ids, labels)`` takes dense boolean masks ``[N,H,W]``;
+    :meth:`from_rles` takes compressed RLEs and the image size.
+    """
+
+    __slots__ = ("_rles", "image_size", "scores", "category_ids", "labels", "boxes", "areas", "presence",
+                 "evidence")
+
+    def __init__(self, masks: np.ndarray, scores, category_ids, labels: Sequence[str], boxes=None,
+                 presence=None, evidence=None) -> None:
+        masks = np.asarray(masks)
         if masks.ndim != 3:
             raise InputError(f"masks must be [N,H,W], got shape {masks.shape}")
         if masks.dtype != bool:
             raise InputError(f"masks must be boolean, got {masks.dtype}")
         n = masks.shape[0]
-        scores = np.asarray(self.scores, dtype=np.float64).reshape(-1)
-        cats = np.asarray(self.category_ids).reshape(-1)
-        labels = tuple(str(x) for x in self.labels)
-        for name, arr in (("scores", scores), ("category_ids", cats)):
-            if arr.shape[0] != n:
-                raise InputError(f"{name} has {arr.shape[0]} entries but there are {n} masks")
+        if n and masks.reshape(n, -1).any(axis=1).min() == 0:
+            empty = np.flatnonzero(~masks.reshape(n, -1).any(axis=1)).tolist()
+            raise InputError(f"detections {empty} have empty masks; every detection needs at least one pixel")
+        self._init(encode_masks(masks), masks.shape[1:], scores, category_ids, labels, presence, evidence)
+        if boxes is not None:
+            given = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if n else np.zeros((0, 4))
+            if given.shape != (n, 4) or not np.allclose(given, self.boxes):
+                raise InputError("boxes must be the XYWH bounding boxes of the masks; pass boxes=None to "
+                                 "derive them")
+
+    @classmethod
+    def from_rles(cls, rles: Sequence[dict], image_size: tuple[int, int], scores, category_ids,
+                  labels: Sequence[str], presence=None, evidence=None) -> Detections:
+        """From compressed RLEs (``counts`` as bytes or str) of masks of size ``image_size`` ``(H, W)``."""
+        H, W = (int(v) for v in image_size)
+        out = []
+        for i, r in enumerate(rles):
+            if [int(v) for v in r["size"]] != [H, W]:
+                raise InputError(f"RLE {i} has size {list(r['size'])}, expected the image size {[H, W]}")
+            counts = r["counts"]
+            out.append({"size": [H, W], "counts": counts.encode("ascii") if isinstance(counts, str) else counts})
+        self = cls.__new__(cls)
+        self._init(out, (H, W), scores, category_ids, labels, presence, evidence)
+        if len(out) and self.areas.min() == 0:
+            raise InputError(f"detections {np.flatnonzero(self.areas == 0).tolist()} have empty masks; every "
+                             "detection needs at least one pixel")
+        return self
+
+    def _init(self, rles, size, scores, category_ids, labels, presence, evidence) -> None:
+        n = len(rles)
+        scores = _vector("scores", scores, n)
+        cats = np.asarray(category_ids).reshape(-1)
+        if cats.shape[0] != n:
+            raise InputError(f"category_ids has {cats.shape[0]} entries but there are {n} masks")
+        labels = tuple(str(x) for x in labels)
         if len(labels) != n:
             raise InputError(f"labels has {len(labels)} entries but there are {n} masks")
         if n and (not np.isfinite(scores).all() or scores.min() < 0 or scores.max() > 1):
@@ -75,36 +115,23 @@ class Detections:
         if n and not np.issubdtype(cats.dtype, np.integer):
             if not np.all(np.equal(np.mod(cats, 1), 0)):
                 raise InputError(f"category_ids must be integers, got {cats[:5]}")
-        cats = cats.astype(np.int64)
-        if n and masks.reshape(n, -1).any(axis=1).min() == 0:
-            empty = np.flatnonzero(~masks.reshape(n, -1).any(axis=1)).tolist()
-            raise InputError(f"detections {empty} have empty masks; every detection needs at least one pixel")
-        derived = masks_to_boxes(masks)
-        if self.boxes is not None:
-            boxes = np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4) if n else np.zeros((0, 4))
-            if boxes.shape != (n, 4) or not np.allclose(boxes, derived):
-                raise InputError("boxes must be the XYWH bounding boxes of the masks; pass boxes=None to "
-                                 "derive them")
-        extras = {}
-        for name in ("presence", "evidence"):
-            val = getattr(self, name)
-            if val is not None:
-                val = np.asarray(val, dtype=np.float64).reshape(-1)
-                if val.shape[0] != n:
-                    raise InputError(f"{name} has {val.shape[0]} entries but there are {n} masks")
-            extras[name] = val
-        object.__setattr__(self, "masks", masks)
-        object.__setattr__(self, "scores", scores)
-        object.__setattr__(self, "category_ids", cats)
-        object.__setattr__(self, "labels", labels)
-        object.__setattr__(self, "boxes", derived)
-        for name, val in extras.items():
-            object.__setattr__(self, name, val)
+        self._rles = list(rles)
+        self.image_size = (int(size[0]), int(size[1]))
+        self.scores = scores
+        self.category_ids = cats.astype(np.int64)
+        self.labels = labels
+        if n:
+            self.boxes = np.asarray(mask_utils.toBbox(self._rles), dtype=np.float64).reshape(n, 4)
+            self.areas = np.asarray(mask_utils.area(self._rles), dtype=np.int64).reshape(n)
+        else:
+            self.boxes, self.areas = np.zeros((0, 4)), np.zeros(0, dtype=np.int64)
+        self.presence = None if presence is None else _vector("presence", presence, n)
+        self.evidence = None if evidence is None else _vector("evidence", evidence, n)
 
     # ---------------------------------------------------------------------------------------------------
     @classmethod
     def empty(cls, height: int, width: int) -> Detections:
-        return cls(np.zeros((0, height, width), dtype=bool), np.zeros(0), np.zeros(0, dtype=np.int64), ())
+        return cls.from_rles([], (height, width), np.zeros(0), np.zeros(0, dtype=np.int64), ())
 
     @classmethod
     def concatenate(cls, items: Sequence[Detections], height: int, width: int) -> Detections:
@@ -119,20 +146,27 @@ class Detections:
             vals = [getattr(d, name) for d in items]
             return None if any(v is None for v in vals) else np.concatenate(vals)
 
-        return cls(np.concatenate([d.masks for d in items]), cat("scores"), cat("category_ids"),
-                   tuple(lbl for d in items for lbl in d.labels), presence=cat("presence"),
-                   evidence=cat("evidence"))
+        return cls.from_rles([r for d in items for r in d._rles], (height, width), cat("scores"),
+                             cat("category_ids"), tuple(lbl for d in items for lbl in d.labels),
+                             presence=cat("presence"), evidence=cat("evidence"))
 
     def __len__(self) -> int:
-        return int(self.masks.shape[0])
+        return len(self._rles)
+
+    def __repr__(self) -> str:
+        return f"Detections({len(self)} on {self.image_size[1]}x{self.image_size[0]}: {', '.join(self.labels[:5])}" \
+               f"{', …' if len(self) > 5 else ''})"
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        return int(self.masks.shape[1]), int(self.masks.shape[2])
+    def masks(self) -> np.ndarray:
+        """All masks decoded, ``[N,H,W]`` bool (N·H·W bytes: prefer :meth:`mask` on large images)."""
+        if not self._rles:
+            return np.zeros((0, *self.image_size), dtype=bool)
+        return np.ascontiguousarray(mask_utils.decode(self._rles).transpose(2, 0, 1)).view(bool)
 
-    @property
-    def areas(self) -> np.ndarray:
-        return self.masks.reshape(len(self), self.masks.shape[1] * self.masks.shape[2]).sum(axis=1).astype(np.int64)
+    def mask(self, i: int) -> np.ndarray:
+        """Mask ``i`` decoded, ``[H,W]`` bool."""
+        return mask_utils.decode(self._rles[i]).view(bool)
 
     def select(self, index: np.ndarray | Sequence[int] | slice) -> Detections:
         """Subset by integer indices, a boolean mask or a slice (order follows ``index``)."""
@@ -143,9 +177,9 @@ class Detections:
             idx = np.flatnonzero(idx)
         idx = idx.astype(np.int64).reshape(-1)
         pick = lambda a: None if a is None else a[idx]  # noqa: E731
-        return Detections(self.masks[idx], self.scores[idx], self.category_ids[idx],
-                          tuple(self.labels[i] for i in idx), presence=pick(self.presence),
-                          evidence=pick(self.evidence))
+        return Detections.from_rles([self._rles[i] for i in idx], self.image_size, self.scores[idx],
+                                    self.category_ids[idx], tuple(self.labels[i] for i in idx),
+                                    presence=pick(self.presence), evidence=pick(self.evidence))
 
     def sorted(self) -> Detections:
         """By descending score (stable)."""
@@ -156,7 +190,9 @@ class Detections:
 
     def rles(self) -> list[dict]:
         """Compressed RLEs with ``counts`` as ``str`` (JSON-ready)."""
-        out = []
-        for r in encode_masks(self.masks):
-            out.append({"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")})
-        return out
+        return [{"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")}
+                for r in self._rles]
+
+    def raw_rles(self) -> list[dict]:
+        """Compressed RLEs with ``counts`` as ``bytes``, as pycocotools takes them."""
+        return list(self._rles)

@@ -1,5 +1,6 @@
 """Mapping between original image pixels and the model input (resize keeping the aspect ratio, then
-pad bottom/right to the patch grid).
+pad bottom/right to the patch grid), and :class:`ImageMaps`: an image's maps kept at model resolution,
+brought to original pixels one query at a time.
 
 ``to_original`` crops the padding and resizes bilinearly with pixel-centre alignment
 (``align_corners=False``, no antialiasing). That makes the mapping exact to the pixel: a map that is 1 on
@@ -10,6 +11,7 @@ exactly that square on the original image.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,3 +68,100 @@ class Letterbox:
         sy, sx = self.scale
         x, y, w, h = box_xywh
         return x / sx, y / sy, w / sx, h / sy
+
+
+def resize_map(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One map ``[h,w]`` → ``[H,W]`` float32: bilinear, pixel-centre aligned, no antialiasing (as
+    :meth:`Letterbox.to_original`); a copy even when the size is unchanged."""
+    t = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))
+    if tuple(t.shape) == tuple(size):
+        return t.numpy().copy()
+    out = F.interpolate(t[None, None], size=tuple(size), mode="bilinear", align_corners=False, antialias=False)
+    return out[0, 0].numpy()
+
+
+def tile_weight(h: int, w: int) -> np.ndarray:
+    """A smooth window (1 in the centre, tapering to 0.1 at the borders) for fusing tiles."""
+    wy = 0.1 + 0.9 * np.sin(np.pi * (np.arange(h) + 0.5) / h)
+    wx = 0.1 + 0.9 * np.sin(np.pi * (np.arange(w) + 0.5) / w)
+    return np.outer(wy, wx).astype(np.float32)
+
+
+def minmax(heat: np.ndarray, *, inplace: bool = False) -> np.ndarray:
+    """Per-map min-max to [0,1] (float32); a constant map becomes zeros."""
+    heat = np.asarray(heat, dtype=np.float32)
+    lo, hi = float(heat.min()), float(heat.max())
+    if hi <= lo:
+        return np.zeros_like(heat, dtype=np.float32)
+    out = heat if inplace else heat.copy()
+    out -= np.float32(lo)
+    out /= np.float32(hi - lo)
+    return out
+
+
+@dataclass(frozen=True)
+class ImageMaps:
+    """The ``K`` maps of one image, kept at model resolution, and how they map to its ``size`` ``(H, W)``.
+
+    * plain: ``maps`` ``[K,h,w]`` cover the whole image; a query's map on the image is ``maps[k]``
+      resized bilinearly (pixel centres aligned) to ``size``;
+    * tiled: ``maps`` ``[N,K,h,w]`` are the raw maps of ``N`` square tiles ``tiles[n] = (y0, y1, x0, x1)``;
+      each is resized to its tile, weighted by :func:`tile_weight` and averaged where tiles overlap, then
+      min-max normalised per query.
+
+    ``query(k)`` (or ``maps_[k]``) computes one full-resolution map at a time, so memory stays at one
+    ``H×W`` map whatever ``K`` is; :meth:`full` stacks them all.
+    """
+
+    maps: np.ndarray
+    size: tuple[int, int]
+    tiles: tuple[tuple[int, int, int, int], ...] | None = None
+
+    def __post_init__(self) -> None:
+        m = np.asarray(self.maps)
+        want = 4 if self.tiles is not None else 3
+        if m.ndim != want:
+            raise InputError(f"maps must be {'[N,K,h,w] (tiles)' if want == 4 else '[K,h,w]'}, got shape {m.shape}")
+        if self.tiles is not None and len(self.tiles) != m.shape[0]:
+            raise InputError(f"{m.shape[0]} tile maps but {len(self.tiles)} tile regions")
+        H, W = (int(v) for v in self.size)
+        if H < 1 or W < 1 or m.shape[-1] < 1 or m.shape[-2] < 1:
+            raise InputError(f"maps of shape {m.shape} for an image of {W}x{H}: zero area")
+        object.__setattr__(self, "size", (H, W))
+
+    def __len__(self) -> int:
+        return int(self.maps.shape[1] if self.tiles is not None else self.maps.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(K, H, W)``: the shape of :meth:`full`."""
+        return (len(self), *self.size)
+
+    def query(self, k: int) -> np.ndarray:
+        """Query ``k``'s map on the image, ``[H,W]`` float32 (a new array)."""
+        if self.tiles is None:
+            return resize_map(self.maps[k], self.size)
+        acc = np.zeros(self.size, dtype=np.float32)
+        weight = np.zeros(self.size, dtype=np.float32)
+        for (y0, y1, x0, x1), m in zip(self.tiles, self.maps[:, k]):
+            win = tile_weight(y1 - y0, x1 - x0)
+            acc[y0:y1, x0:x1] += resize_map(m, (y1 - y0, x1 - x0)) * win
+            weight[y0:y1, x0:x1] += win
+        acc /= np.maximum(weight, 1e-12)
+        return minmax(acc, inplace=True)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return self.query(k)
+
+    def full(self) -> np.ndarray:
+        """All maps on the image, ``[K,H,W]`` float32 (``K·H·W·4`` bytes)."""
+        out = np.empty(self.shape, dtype=np.float32)
+        for k in range(len(self)):
+            out[k] = self.query(k)
+        return out
+
+    @classmethod
+    def from_tiles(cls, size: tuple[int, int], tiles: Sequence, maps: Sequence[np.ndarray]) -> ImageMaps:
+        """Tiles given as objects with ``y0, y1, x0, x1`` and their maps ``[K,h,w]``."""
+        regions = tuple((int(t.y0), int(t.y1), int(t.x0), int(t.x1)) for t in tiles)
+        return cls(np.stack([np.asarray(m, dtype=np.float32) for m in maps]), size, regions)

@@ -22,6 +22,7 @@ import numpy as np
 from skimage.filters import threshold_otsu
 
 from ..errors import InputError
+from .rle import encode_crop
 
 THRESHOLD_METHODS = ("fixed", "mean", "otsu", "quantile", "max_fraction")
 
@@ -93,36 +94,65 @@ def fill_mask_holes(mask: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Instances:
-    """The instances of one thresholded heatmap, kept as a component label image: masks are built only
-    for the instances that are emitted (``mask(i)``); means are read within each component's box."""
+    """The instances of one thresholded heatmap, kept as a component label image of the part of the map
+    that holds foreground (``labels`` at ``offset`` in an image of ``shape``): masks and RLEs are built
+    only for the instances that are emitted; means are read within each component's box."""
 
-    labels: np.ndarray  # int32 [H,W], OpenCV component labels (0 = background)
+    labels: np.ndarray  # int32 [h,w], OpenCV component labels (0 = background), at `offset`
     groups: tuple[tuple[int, ...], ...]  # component labels of each instance; largest instance first
-    stats: np.ndarray  # OpenCV stats per component label: left, top, width, height, area
+    stats: np.ndarray  # OpenCV stats per component label (in `labels` coordinates): left, top, width, height, area
+    offset: tuple[int, int] = (0, 0)  # (y0, x0) of `labels` in the image
+    shape: tuple[int, int] | None = None  # (H, W) of the image; default: the shape of `labels`
 
     def __len__(self) -> int:
         return len(self.groups)
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return tuple(self.shape) if self.shape is not None else tuple(self.labels.shape)
 
     @property
     def areas(self) -> np.ndarray:
         """Pixels per instance."""
         return np.array([self.stats[list(g), cv2.CC_STAT_AREA].sum() for g in self.groups], dtype=np.float64)
 
-    def mask(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
-        """The boolean ``[H,W]`` mask of instance ``i`` (written into ``out`` when given)."""
+    def box(self, i: int) -> tuple[int, int, int, int]:
+        """``(y0, y1, x0, x1)`` of instance ``i`` in ``labels`` coordinates (end exclusive)."""
+        st = self.stats[list(self.groups[i])]
+        x0, y0 = int(st[:, 0].min()), int(st[:, 1].min())
+        x1, y1 = int((st[:, 0] + st[:, 2]).max()), int((st[:, 1] + st[:, 3]).max())
+        return y0, y1, x0, x1
+
+    def crop(self, i: int) -> tuple[np.ndarray, int, int]:
+        """Instance ``i``'s mask within its box, and the box's top-left corner in image coordinates."""
         g = self.groups[i]
-        out = np.empty(self.labels.shape, dtype=bool) if out is None else out
-        if len(g) == 1:
-            return np.equal(self.labels, g[0], out=out)
-        out[...] = np.isin(self.labels, g)
+        y0, y1, x0, x1 = self.box(i)
+        lab = self.labels[y0:y1, x0:x1]
+        m = lab == g[0] if len(g) == 1 else np.isin(lab, g)
+        return m, y0 + self.offset[0], x0 + self.offset[1]
+
+    def rle(self, i: int) -> dict:
+        """Compressed RLE (bytes counts) of instance ``i`` on the image, built from its box alone."""
+        m, y0, x0 = self.crop(i)
+        return encode_crop(m, y0, x0, *self.image_shape)
+
+    def mask(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The boolean ``[H,W]`` mask of instance ``i`` on the image (written into ``out`` when given)."""
+        out = np.empty(self.image_shape, dtype=bool) if out is None else out
+        out[...] = False
+        m, y0, x0 = self.crop(i)
+        out[y0 : y0 + m.shape[0], x0 : x0 + m.shape[1]] = m
         return out
 
     def mean(self, heat: np.ndarray) -> np.ndarray:
-        """Mean of ``heat`` inside each instance (``[len]``), each component read within its bounding box."""
+        """Mean of ``heat`` (the image's map, ``[H,W]``) inside each instance, each component read within
+        its bounding box."""
+        oy, ox = self.offset
 
         def total(c: int) -> float:
             x, y, w, h = (int(v) for v in self.stats[c, :4])
-            return float(heat[y : y + h, x : x + w][self.labels[y : y + h, x : x + w] == c].sum(dtype=np.float64))
+            window = heat[oy + y : oy + y + h, ox + x : ox + x + w]
+            return float(window[self.labels[y : y + h, x : x + w] == c].sum(dtype=np.float64))
 
         return np.array([sum(total(c) for c in g) for g in self.groups], dtype=np.float64) / self.areas
 
@@ -144,6 +174,17 @@ def components(mask: np.ndarray, min_area: int = 0) -> list[np.ndarray]:
     return [labels == i for i in keep]
 
 
+def foreground_box(fg: np.ndarray, margin: int) -> tuple[int, int, int, int] | None:
+    """``(y0, y1, x0, x1)``: the box of the foreground grown by ``margin`` (clipped), or ``None``."""
+    rows = np.flatnonzero(fg.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(fg[rows[0] : rows[-1] + 1].any(axis=0))
+    H, W = fg.shape
+    return (max(0, int(rows[0]) - margin), min(H, int(rows[-1]) + 1 + margin),
+            max(0, int(cols[0]) - margin), min(W, int(cols[-1]) + 1 + margin))
+
+
 def find_instances(
     heat: np.ndarray,
     threshold: ThresholdSpec,
@@ -156,16 +197,26 @@ def find_instances(
 ) -> Instances:
     """The instances of one heatmap ``[H,W]``: threshold, :func:`clean_mask`, 8-connected components of at
     least ``min_area`` pixels. ``instances``: ``"components"`` (each component is one instance) or
-    ``"class"`` (one instance per class: the union of those components)."""
+    ``"class"`` (one instance per class: the union of those components).
+
+    Only the box around the foreground (grown by the morphology kernels, so that opening, closing and
+    hole filling see what they would see on the whole map) is cleaned and labelled: on a large image the
+    cost follows the size of what was found, not of the image.
+    """
     if instances not in ("components", "class"):
         raise InputError(f"instances must be 'components' or 'class', got {instances!r}")
     fg = heat > threshold(heat)
-    fg = clean_mask(fg, opening=opening, closing=closing, fill_holes=fill_holes)
-    if not fg.any():
-        return Instances(np.zeros(fg.shape, np.int32), (), np.zeros((1, 5), np.int32))
-    labels, keep, stats = _label(fg, min_area)
+    margin = (opening + closing + 2) if (opening > 1 or closing > 1) else 0
+    box = foreground_box(fg, margin)
+    if box is None:
+        return Instances(np.zeros((0, 0), np.int32), (), np.zeros((1, 5), np.int32), (0, 0), fg.shape)
+    y0, y1, x0, x1 = box
+    crop = clean_mask(fg[y0:y1, x0:x1], opening=opening, closing=closing, fill_holes=fill_holes)
+    if not crop.any():
+        return Instances(np.zeros((0, 0), np.int32), (), np.zeros((1, 5), np.int32), (0, 0), fg.shape)
+    labels, keep, stats = _label(crop, min_area)
     groups = ((tuple(keep),) if keep else ()) if instances == "class" else tuple((i,) for i in keep)
-    return Instances(labels, groups, stats)
+    return Instances(labels, groups, stats, (y0, x0), fg.shape)
 
 
 def heat_to_instances(heat: np.ndarray, threshold: ThresholdSpec, **options) -> list[np.ndarray]:

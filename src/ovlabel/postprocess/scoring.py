@@ -28,22 +28,36 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from ..legrad.base import image_text_logits as _logits
 
 PRESENCE_MODES = ("auto", "softmax", "binary", "sigmoid")
 
 
 def image_text_logits(model, image_embeddings: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """``exp(logit_scale)·cos (+ logit_bias)`` → ``[B, K]``."""
-    e = F.normalize(image_embeddings.float(), dim=-1)
-    t = F.normalize(text.float(), dim=-1)
-    logits = e @ t.T
-    scale = getattr(model, "logit_scale", None)
-    if isinstance(scale, torch.Tensor):
-        logits = logits * scale.detach().float().exp()
-    bias = getattr(model, "logit_bias", None)
-    if isinstance(bias, torch.Tensor):
-        logits = logits + bias.detach().float()
-    return logits
+    """``exp(logit_scale)·cos (+ logit_bias)`` → ``[B, K]`` float32 (both sides normalised here)."""
+    return _logits(model, image_embeddings.float(), F.normalize(text.float(), dim=-1))
+
+
+def presence_from_logits(query_logits: torch.Tensor, background_logits: torch.Tensor | None, mode: str,
+                         has_bias: bool) -> np.ndarray:
+    """Presence ``[B, K]`` from image–text logits of the queries ``[B, K]`` and of the background
+    prompts ``[B, M]`` (see the module docstring); ``has_bias``: the model has a logit bias (SigLIP)."""
+    if mode not in PRESENCE_MODES:
+        raise InputError(f"presence mode {mode!r} is not known; expected one of {PRESENCE_MODES}")
+    if mode == "auto":
+        mode = "sigmoid" if has_bias else "softmax"
+    K = query_logits.shape[1]
+    has_bg = background_logits is not None and background_logits.shape[1] > 0
+    with torch.no_grad():
+        if mode == "sigmoid":
+            return torch.sigmoid(query_logits).cpu().numpy()
+        if mode == "softmax":
+            full = torch.cat([query_logits, background_logits], dim=1) if has_bg else query_logits
+            return full.softmax(-1)[:, :K].cpu().numpy()
+        if not has_bg:
+            raise InputError("presence mode 'binary' needs background prompts (query vs background)")
+        bg_lse = torch.logsumexp(background_logits, dim=-1, keepdim=True)
+        return torch.sigmoid(query_logits - bg_lse).cpu().numpy()  # = e^q / (e^q + Σ e^bg)
 
 
 def presence_scores(model, image_embeddings: torch.Tensor, text: torch.Tensor,
@@ -51,22 +65,12 @@ def presence_scores(model, image_embeddings: torch.Tensor, text: torch.Tensor,
     """Presence probabilities ``[B, K]`` of each query in each image (see the module docstring)."""
     if mode not in PRESENCE_MODES:
         raise InputError(f"presence mode {mode!r} is not known; expected one of {PRESENCE_MODES}")
-    if mode == "auto":
-        mode = "sigmoid" if isinstance(getattr(model, "logit_bias", None), torch.Tensor) else "softmax"
     K = text.shape[0]
-    has_bg = background is not None and background.shape[0] > 0
     with torch.no_grad():
-        if mode == "sigmoid":
-            return torch.sigmoid(image_text_logits(model, image_embeddings, text)).cpu().numpy()
-        if mode == "softmax":
-            full = torch.cat([text, background]) if has_bg else text
-            return image_text_logits(model, image_embeddings, full).softmax(-1)[:, :K].cpu().numpy()
-        if not has_bg:
-            raise InputError("presence mode 'binary' needs background prompts (query vs background)")
-        q = image_text_logits(model, image_embeddings, text)  # [B,K]
-        bg = image_text_logits(model, image_embeddings, background)  # [B,M]
-        bg_lse = torch.logsumexp(bg, dim=-1, keepdim=True)
-        return torch.sigmoid(q - bg_lse).cpu().numpy()  # = e^q / (e^q + Σ e^bg)
+        full = text if background is None or background.shape[0] == 0 else torch.cat([text, background])
+        logits = image_text_logits(model, image_embeddings, full)
+    return presence_from_logits(logits[:, :K], logits[:, K:] if full is not text else None, mode,
+                                isinstance(getattr(model, "logit_bias", None), torch.Tensor))
 
 
 def combine(presence: float, evidence: float) -> float:
