@@ -259,26 +259,30 @@ def rollout(model, images):
     return _finish((r.unsqueeze(1) @ R), model, grid)
 
 
-def gradcam(model, images, text):
-    """Last block (or the pooler): w_h = mean over the readout row of dS/dA_h; relu(mean_h w_h A_h)."""
+def gradcam(model, images, text, layers=None):
+    """w_h = mean over the readout row of dS/dA_h; relu(mean_h w_h A_h) on the readout row, summed over the
+    selected blocks (default: the last block; pooler towers: the pooler's attention)."""
     n = len(blocks(model))
-    tokens, attns, P, grid = forward_explicit(model, images, grad_from=n - 1)
+    layers = [n - 1] if layers is None else list(layers)
+    tokens, attns, P, grid = forward_explicit(model, images, grad_from=min(layers))
     emb, Ap = embedding_and_pool_attention(model, tokens)
     s = logits(model, emb, text)
     B, K = s.shape
     rows = torch.zeros(B, K, attns[-1].shape[-1] if Ap is None else Ap.shape[-1], dtype=torch.float64)
     for k in range(K):
-        target = Ap if Ap is not None else attns[-1]
-        (g,) = torch.autograd.grad(s[:, k].sum(), target, retain_graph=True)
+        targets = [Ap] if Ap is not None else [attns[i] for i in layers]
+        grads = torch.autograd.grad(s[:, k].sum(), targets, retain_graph=True)
         for b in range(B):
             if Ap is not None:
-                w = g[b, :, 0].mean(-1)  # [H]
+                w = grads[0][b, :, 0].mean(-1)  # [H]
                 a = Ap[b, :, 0].detach()
-            else:
-                r = readout_vector(model, g.shape[-1])
+                rows[b, k] = (w[:, None] * a).mean(0).clamp(min=0)
+                continue
+            r = readout_vector(model, grads[0].shape[-1])
+            for i, g in zip(layers, grads):
                 w = (r @ g[b]).mean(-1)
-                a = r @ attns[-1][b].detach()
-            rows[b, k] = (w[:, None] * a).mean(0).clamp(min=0)
+                a = r @ attns[i][b].detach()
+                rows[b, k] += (w[:, None] * a).mean(0).clamp(min=0)
     return _finish(rows, model, grid)
 
 

@@ -52,6 +52,19 @@ def test_gradcam(name):
 
 
 @pytest.mark.parametrize("name", CLS)
+@pytest.mark.parametrize("layers", ["all", [0, 2], [1]])
+def test_gradcam_selected_blocks_equal_reference(name, layers):
+    """Block selections other than the last block run through autograd (baselines.gradcam's multi-block
+    path), called through the library and checked against the reference."""
+    model = make_model(name, dtype=torch.float64)
+    images, text = _inputs(model)
+    n = len(reference.blocks(model))
+    ours = compute_maps(model, images, text, method="gradcam", layers=layers)
+    ref = reference.gradcam(model, images, text, resolve_layers(layers, n))
+    assert (ours - ref).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("name", CLS)
 def test_gradcam_closed_form_equals_autograd_path(name):
     """The default (last block) runs in closed form; an explicit selection goes through autograd."""
     model = make_model(name, dtype=torch.float64)

@@ -24,39 +24,50 @@ def overlay_grid(paths: list[Path], out: Path, columns: int = 4, width: int = 12
         for c, cell in enumerate(cells[r * columns : (r + 1) * columns]):
             grid.paste(cell, (c * cell_w, y))
         y += row_h[r]
-    grid.save(out)
+    from ..export.files import atomic_write
+
+    with atomic_write(out, "wb") as f:
+        grid.save(f, format="PNG")
     return out
 
 
+def _figure(size: tuple[float, float]):
+    """A matplotlib figure drawn by the Agg renderer, without pyplot: the caller's backend is untouched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, out: Path) -> None:
+    from ..export.files import atomic_write
+
+    fig.tight_layout()
+    with atomic_write(out, "wb") as f:
+        fig.savefig(f, dpi=110, format=Path(out).suffix.lstrip(".") or "png")
+
+
 def per_class_ap_chart(per_class: dict[str, float], out: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [n for n in per_class if not math.isnan(per_class[n])]
     values = [100 * per_class[n] for n in names]
-    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names)), 3.6))
+    fig = _figure((max(6, 0.28 * len(names)), 3.6))
+    ax = fig.subplots()
     ax.bar(range(len(names)), values, color="#3b7dd8")
     ax.set_xticks(range(len(names)), names, rotation=70, ha="right", fontsize=7)
     ax.set_ylabel("AP (%)")
     ax.set_ylim(0, 100)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, out)
     return out
 
 
 def pr_curves(precision: dict[str, np.ndarray], out: Path, title: str) -> Path:
     """``precision``: name → precision at the 101 COCO recall points (−1 where undefined)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     recall = np.linspace(0, 1, 101)
-    fig, ax = plt.subplots(figsize=(4.6, 3.6))
+    fig = _figure((4.6, 3.6))
+    ax = fig.subplots()
     for name, p in precision.items():
         p = np.where(p < 0, np.nan, p)
         ax.plot(recall, p, label=name)
@@ -66,9 +77,7 @@ def pr_curves(precision: dict[str, np.ndarray], out: Path, title: str) -> Path:
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, out)
     return out
 
 

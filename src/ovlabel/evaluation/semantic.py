@@ -138,9 +138,8 @@ def semantic_evaluation(gt, results: list[dict], *, heatmap_dir=None, score_thre
     * ``maps`` (with ``heatmap_dir``): FG/BG metrics (mean threshold and 0.5) and the pointing game of
       each cached map whose query is a category present in the image.
     """
-    from pycocotools import mask as mask_utils
-
     from ..export.heatmaps import list_heatmap_files, load_heatmaps
+    from ..postprocess.rle import decode
     from .faithfulness import pointing_game
 
     by_image: dict[int, list[dict]] = {}
@@ -159,7 +158,7 @@ def semantic_evaluation(gt, results: list[dict], *, heatmap_dir=None, score_thre
             g[name] = g[name] | m if name in g else m
         p: dict[str, np.ndarray] = {}
         for r in by_image.get(img_id, []):
-            m = mask_utils.decode({"size": r["segmentation"]["size"],
+            m = decode({"size": r["segmentation"]["size"],
                                    "counts": r["segmentation"]["counts"].encode("ascii")}).astype(bool)
             name = names[r["category_id"]]
             p[name] = p[name] | m if name in p else m

@@ -28,6 +28,7 @@ from pycocotools.coco import COCO
 
 from ..errors import CocoFormatError, InputError
 from ..postprocess.detections import Detections
+from ..postprocess.rle import decode
 from .files import atomic_write, write_json
 
 POLYGON_MIN_IOU = 0.98
@@ -76,6 +77,16 @@ def coco_from_dict(dataset: dict, source: str = "dataset") -> COCO:
     ids = [c["id"] for c in dataset["categories"]]
     if len(set(ids)) != len(ids):
         raise CocoFormatError(f"{source}: category ids are not unique")
+    for what, items in (("image", dataset["images"]), ("annotation", dataset["annotations"])):
+        seen: set = set()
+        dup: set = set()
+        for x in items:
+            if isinstance(x, dict) and "id" in x:
+                (dup if x["id"] in seen else seen).add(x["id"])
+        dup = sorted(dup, key=str)
+        if dup:
+            raise CocoFormatError(f"{source}: {what} ids are not unique ({dup[:10]} used more than once); COCO tools "
+                                  f"would silently keep only one {what} per id")
     coco = COCO()
     coco.dataset = dataset
     with quiet():
@@ -176,7 +187,7 @@ def segmentation_for_dataset(rle: dict, mode: str) -> tuple[Any, dict]:
         return rle, exact
     if mode != "polygon":
         raise InputError(f"segmentation must be 'rle' or 'polygon', got {mode!r}")
-    mask = mask_utils.decode(exact)
+    mask = decode(exact)
     if has_holes(mask):
         return rle, exact
     polys = mask_polygons(mask)

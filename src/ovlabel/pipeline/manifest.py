@@ -75,7 +75,7 @@ def create(path: str | Path, manifest: dict) -> dict:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
     with atomic_write(tmp, "w", encoding="utf-8", durable=False) as f:
-        json.dump(manifest, f, ensure_ascii=False, indent=1)
+        json.dump(manifest, f, ensure_ascii=False)
     try:
         os.link(tmp, path)  # fails if the manifest exists: the first process wins
         fsync_dir(path.parent)

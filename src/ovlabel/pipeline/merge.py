@@ -36,21 +36,40 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
     """Merge the records of the shards of one run into ``out_dir`` (see the module docstring)."""
     run_dirs = [Path(d) for d in run_dirs]
     manifests: list[tuple[Path, dict]] = []
-    shards: dict[int, Path] = {}
-    metas: list[tuple[Path, dict]] = []
-    record_files: list[Path] = []
     for d in run_dirs:
-        yamls = sorted(d.glob("run*.yaml"))
-        recs = sorted((d / "records").glob("records*.jsonl"))
-        if not yamls or not recs:
+        if not sorted(d.glob("run*.yaml")) or not sorted((d / "records").glob("records*.jsonl")):
             raise InputError(f"{d} is not an ovlabel run folder (no run*.yaml and records/records*.jsonl)")
         mpath = d / run_manifest.NAME
         if not mpath.exists():
             raise InputError(f"{d} has no {run_manifest.NAME} (a run of an older ovlabel?); merge needs it to "
                              "check that the folders hold shards of one run")
         manifests.append((d, run_manifest.load(mpath)))
-        record_files += recs
-        for y in yamls:
+
+    # 1. one run: the same images (ids and names), inputs, settings and shard count everywhere
+    first_dir, first = manifests[0]
+    for d, m in manifests[1:]:
+        if m["images_sha256"] != first["images_sha256"] or m["inputs"] != first["inputs"]:
+            a = {int(r[0]): r[1] for r in first["images"]}
+            b = {int(r[0]): r[1] for r in m["images"]}
+            clash = sorted(i for i in a.keys() & b.keys() if a[i] != b[i])
+            if clash:
+                detail = f"image {clash[0]} is {a[clash[0]]!r} in {first_dir} but {b[clash[0]]!r} in {d}"
+            elif a.keys() != b.keys():
+                detail = f"{len(a.keys() ^ b.keys())} image ids are in one run only"
+            else:
+                detail = "; ".join(run_manifest.differences(first["inputs"], m["inputs"], "inputs")[:3])
+            raise InputError(f"{first_dir} and {d} are not shards of one run: they label different inputs ({detail}). "
+                             "Runs number their images independently, so their ids would collide; label all the "
+                             "inputs in one run (ovlabel label A B … --out RUN, with --shard I/N to split it)")
+        run_manifest.check_same_run(first, m, str(d), compare_inputs=False)
+
+    # 2. every shard present and complete
+    shards: dict[int, Path] = {}
+    metas: list[tuple[Path, dict]] = []
+    record_files: list[Path] = []
+    for d in run_dirs:
+        record_files += sorted((d / "records").glob("records*.jsonl"))
+        for y in sorted(d.glob("run*.yaml")):
             meta = _read_yaml(y)
             if "merged_from" in meta or "shard" not in meta:
                 continue  # the summary of an earlier merge into this folder
@@ -61,23 +80,10 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
             if meta.get("status") != "complete":
                 raise InputError(f"{y}: shard {i}/{n} is not complete (resume it first: the same command with "
                                  "--resume)")
-            if i in shards and shards[i] != y:
+            if i in shards and shards[i].resolve() != y.resolve():
                 raise InputError(f"shard {i}/{n} appears twice: {shards[i]} and {y}")
             shards[i] = y
             metas.append((y, meta))
-
-    first_dir, first = manifests[0]
-    for d, m in manifests[1:]:
-        if m["images_sha256"] != first["images_sha256"]:
-            a = {int(r[0]): r[1] for r in first["images"]}
-            b = {int(r[0]): r[1] for r in m["images"]}
-            clash = sorted(i for i in a.keys() & b.keys() if a[i] != b[i])
-            detail = (f"image {clash[0]} is {a[clash[0]]!r} in {first_dir} but {b[clash[0]]!r} in {d}" if clash
-                      else f"{len(a.keys() ^ b.keys())} image ids are in one run only")
-            raise InputError(f"{first_dir} and {d} are not shards of one run: they list different images ({detail}). "
-                             "Runs number their images independently, so their ids would collide; label all the "
-                             "inputs in one run (ovlabel label A B … --out RUN, with --shard I/N to split it)")
-        run_manifest.check_same_run(first, m, str(d), compare_inputs=False)
     n = int(first["shards"])
     missing = sorted(set(range(n)) - set(shards))
     if missing:

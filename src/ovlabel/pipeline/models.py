@@ -43,6 +43,14 @@ class LoadedModel:
     provenance: dict = field(default_factory=dict)
 
 
+class _DropOpenClipRecords(logging.Filter):
+    """Drops the records open_clip itself logs on the root logger while it builds a model (ovlabel says
+    what matters in its own words); every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("open_clip") or "open_clip" in Path(record.pathname).parts)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -127,7 +135,8 @@ def load_model(name: str, pretrained: str | None, *, device: str = "auto", preci
         raise ModelLoadError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
     if precision != "fp32" and dev.type != "cuda":
         raise ModelLoadError(f"precision {precision} needs a CUDA device; use precision fp32 on the CPU")
-    logging.getLogger().disabled = True  # open_clip logs "no pretrained weights" on the root logger
+    quiet = _DropOpenClipRecords()  # open_clip logs "no pretrained weights" etc. on the root logger
+    logging.getLogger().addFilter(quiet)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*QuickGELU mismatch.*")
@@ -151,7 +160,7 @@ def load_model(name: str, pretrained: str | None, *, device: str = "auto", preci
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"could not load the weights of {name} from {pretrained}: {e}") from None
     finally:
-        logging.getLogger().disabled = False
+        logging.getLogger().removeFilter(quiet)
     model.eval()
     if shipped is not None and weights is not None and provenance.get("pretrained") == "shipped":
         mean, std = tuple(shipped["mean"]), tuple(shipped["std"])

@@ -25,6 +25,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ..errors import InputError
+from .rle import decode
 
 
 def encode_masks(masks: np.ndarray) -> list[dict]:
@@ -162,11 +163,11 @@ class Detections:
         """All masks decoded, ``[N,H,W]`` bool (N·H·W bytes: prefer :meth:`mask` on large images)."""
         if not self._rles:
             return np.zeros((0, *self.image_size), dtype=bool)
-        return np.ascontiguousarray(mask_utils.decode(self._rles).transpose(2, 0, 1)).view(bool)
+        return np.ascontiguousarray(decode(self._rles).transpose(2, 0, 1)).view(bool)
 
     def mask(self, i: int) -> np.ndarray:
         """Mask ``i`` decoded, ``[H,W]`` bool."""
-        return mask_utils.decode(self._rles[i]).view(bool)
+        return decode(self._rles[i]).view(bool)
 
     def select(self, index: np.ndarray | Sequence[int] | slice) -> Detections:
         """Subset by integer indices, a boolean mask or a slice (order follows ``index``)."""

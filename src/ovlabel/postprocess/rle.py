@@ -8,6 +8,8 @@ The result is identical to ``pycocotools.mask.encode`` of the full mask (tested)
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from pycocotools import mask as mask_utils
 
@@ -57,3 +59,12 @@ def encode_crop(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> 
 def encode_full(mask: np.ndarray) -> dict:
     """Compressed RLE of a full ``[H,W]`` boolean mask."""
     return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8, copy=False)))
+
+
+def decode(rles: dict | list[dict]) -> np.ndarray:
+    """``pycocotools.mask.decode`` (one RLE → ``[H,W]``, a list → ``[H,W,N]`` uint8), without the
+    DeprecationWarning that pycocotools 2.0 raises under NumPy 2 on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*__array__ implementation doesn't accept a copy keyword",
+                                category=DeprecationWarning)
+        return mask_utils.decode(rles)
