@@ -108,7 +108,7 @@ def save_heatmaps(path: str | Path, heatmaps: np.ndarray | ImageMaps, queries, i
         heat = heat / np.where(scale > 0, scale, 1)
     arrays = {
         "format_version": np.asarray(FORMAT_VERSION, dtype=np.int64),
-        "heatmaps": heat.astype(np.float16),
+        "heatmaps": _float16(heat),
         "size": np.asarray(size, dtype=np.int64),
         "queries": np.asarray([str(q) for q in queries], dtype=np.str_),
         "image_id": np.asarray(int(image_id), dtype=np.int64),
@@ -118,9 +118,20 @@ def save_heatmaps(path: str | Path, heatmaps: np.ndarray | ImageMaps, queries, i
         arrays["tiles"] = np.asarray(tiles, dtype=np.int64).reshape(-1, 4)
     if pres is not None:
         arrays["presence"] = pres
-    with atomic_write(path, "wb", durable=durable) as f:
-        np.savez_compressed(f, **arrays)
+    with atomic_write(path, "wb", durable=durable) as f, \
+            zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        for name, arr in arrays.items():  # what numpy.savez_compressed writes, at a faster deflate level
+            with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, arr, allow_pickle=False)
     return path
+
+
+def _float16(a: np.ndarray) -> np.ndarray:
+    """float32 → float16, rounding to nearest even like ``astype`` (bit-identical), with the CPU's
+    conversion instructions: numpy's own is ~10× slower on maps full of tiny values (subnormals)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).half().numpy()
 
 
 def declared_arrays(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

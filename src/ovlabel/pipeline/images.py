@@ -95,20 +95,28 @@ def _walk(folder: Path) -> list[Path]:
     return out
 
 
+def _abs(p: Path) -> Path:
+    """Absolute and normalised (``..`` resolved lexically), symlinks kept as the user named them."""
+    return Path(os.path.normpath(os.path.abspath(p)))
+
+
 def collect_inputs(inputs: list[str | Path]) -> tuple[list[ImageItem], list[str]]:
     """Expand inputs into image items (ids 1..N in sorted order) and the non-image files ignored in
     folders. Files with an image extension are always attempted (a broken one is reported later);
-    other files in folders are attempted when their content is an image."""
-    entries: list[tuple[str, Path]] = []
+    other files in folders are attempted when their content is an image.
+
+    ``file_name`` is the path relative to the inputs' common root (:func:`input_root`): one folder gives
+    names relative to it; several folders, files or lists give names that keep them apart
+    (``a/img.png``, ``b/img.png``) — never absolute, never two images with one name."""
+    entries: list[tuple[Path, Path]] = []  # (root the name is relative to, file)
     ignored: list[str] = []
     for raw in inputs:
         p = Path(raw).expanduser()
         if p.is_dir():
             for f in _walk(p):
-                rel = f.relative_to(p).as_posix()
                 # non-regular entries are never opened; they are kept so the run reports them as failures
                 if f.suffix.lower() in IMAGE_SUFFIXES or file_kind(f) is not None or _is_image(f):
-                    entries.append((rel, f))
+                    entries.append((p, f))
                 else:
                     ignored.append(str(f))
         elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES and not _is_image(p):
@@ -117,17 +125,21 @@ def collect_inputs(inputs: list[str | Path]) -> tuple[list[ImageItem], list[str]
                 if not line or line.startswith("#"):
                     continue
                 f = Path(line).expanduser()
-                f = f if f.is_absolute() else p.parent / f
-                entries.append((line, f))
+                entries.append((f.parent, f) if f.is_absolute() else (p.parent, p.parent / f))
         elif p.is_file() or os.path.lexists(p):
-            entries.append((p.name, p))  # an image file, or an entry that is not a regular file (reported)
+            entries.append((p.parent, p))  # an image file, or an entry that is not a regular file (reported)
         else:
             raise InputError(f"input {raw} does not exist (expected a folder, an image file or a .txt list of paths)")
     if not entries and not ignored:
         raise InputError(f"no files found in {', '.join(str(i) for i in inputs)}")
+    if not entries:
+        return [], ignored
+    files = [_abs(f) for _, f in entries]
+    root = Path(os.path.commonpath([str(_abs(r)) for r, _ in entries] + [str(f.parent) for f in files]))
+    named = [(f.relative_to(root).as_posix(), orig) for f, (_, orig) in zip(files, entries)]
     seen: set[Path] = set()
     unique = []
-    for name, f in sorted(entries, key=lambda e: (e[0], str(e[1]))):
+    for name, f in sorted(named, key=lambda e: (e[0], str(e[1]))):
         try:
             key = f.resolve(strict=False)
         except (OSError, RuntimeError):  # a symlink loop
@@ -136,6 +148,15 @@ def collect_inputs(inputs: list[str | Path]) -> tuple[list[ImageItem], list[str]
             seen.add(key)
             unique.append((name, f))
     return [ImageItem(i + 1, f, name) for i, (name, f) in enumerate(unique)], ignored
+
+
+def input_root(items: list[ImageItem]) -> Path | None:
+    """The folder every ``file_name`` of ``items`` is relative to (``None`` without items)."""
+    if not items:
+        return None
+    it = items[0]
+    path = _abs(it.path)
+    return path.parents[len(Path(it.file_name).parts) - 1]
 
 
 def coco_inputs(gt, images_dir: str | Path) -> list[ImageItem]:

@@ -7,6 +7,7 @@ of queries; masks are never materialised for candidates, and NMS and top-k run o
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,32 @@ from .masks import ThresholdSpec, find_instances
 from .scoring import combine
 
 NMS_KINDS = (None, "mask", "box")
+
+
+def _in_order(fn, items: list, threads: int):
+    """``(item, fn(item))`` in the order of ``items``, computed by up to ``threads`` threads with at most
+    ``threads`` results waiting (so that a few full-resolution maps are alive at a time)."""
+    if threads <= 1 or len(items) <= 1:
+        for it in items:
+            yield it, fn(it)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ovlabel-post") as pool:
+        pending = deque()
+        queue = iter(items)
+        for it in queue:
+            pending.append((it, pool.submit(fn, it)))
+            if len(pending) >= threads:
+                break
+        while pending:
+            it, fut = pending.popleft()
+            result = fut.result()
+            nxt = next(queue, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(fn, nxt)))
+            yield it, result
 
 
 def nms(dets: Detections, iou_threshold: float, kind: str = "mask") -> Detections:
@@ -63,6 +90,7 @@ class Postprocessor:
 
     ``min_area`` is in pixels of the heatmap (the original image); ``min_area_fraction`` is relative to
     the image area; the larger applies. ``class_thresholds`` overrides ``threshold`` per label.
+    ``threads``: queries of large images (≥ 1 megapixel) processed at once (results do not depend on it).
     """
 
     threshold: ThresholdSpec = ThresholdSpec("max_fraction", 0.5)
@@ -78,6 +106,7 @@ class Postprocessor:
     max_detections: int = 100
     nms: str | None = None
     nms_iou: float = 0.5
+    threads: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
 
     def __post_init__(self) -> None:
         if self.nms not in NMS_KINDS:
@@ -123,31 +152,47 @@ class Postprocessor:
             raise InputError(f"presence must be {K} finite values in [0,1], got {pres.tolist()[:8]}")
         min_area = max(int(self.min_area), int(np.ceil(self.min_area_fraction * H * W)))
 
-        # candidates, one query at a time: (query, RLE, presence, evidence)
-        cands: list[tuple[int, dict, float, float]] = []
-        for k in range(K):
-            if pres[k] < self.presence_threshold:
-                continue
-            h = maps.query(k)
-            if not np.isfinite(h).all():
+        # candidates, one query at a time: [score, index, query, presence, evidence, RLE]. Without NMS only
+        # the best `max_detections` can be emitted, so a candidate's RLE is built only while it is among
+        # them (ties rank by arrival, as a stable sort would); with NMS every candidate needs its mask.
+        cap = None if self.nms is not None else int(self.max_detections)
+        kept: list[list] = []
+        worst: tuple[float, int] | None = None  # (score, position in `kept`) of the candidate to evict
+        n = 0
+        active = [k for k in range(K) if pres[k] >= self.presence_threshold]
+        for k in active:
+            if not maps.finite(k):
                 raise InputError(f"heatmaps [{k}] contain NaN or infinite values")
-            h = minmax(h, inplace=True)
+
+        def instances(k: int):
+            h = minmax(maps.query(k), inplace=True)
             spec = self.class_thresholds.get(labels[k], self.threshold)
             found = find_instances(h, spec, instances=self.instances, min_area=min_area, opening=self.opening,
                                    closing=self.closing, fill_holes=self.fill_holes)
-            for j, ev in enumerate(found.mean(h)):
-                cands.append((k, found.rle(j), float(pres[k]), float(ev)))
-            del h, found
-        scores = np.array([combine(c[2], c[3]) for c in cands])
-        order = [int(i) for i in np.argsort(-scores, kind="stable") if scores[i] >= self.score_threshold]
-        if self.nms is None:
-            order = order[: self.max_detections]
-        if not order:
+            return found, found.mean(h)
+
+        for k, (found, means) in _in_order(instances, active, threads=self.threads if H * W >= 2**20 else 1):
+            for j, ev in enumerate(means):
+                score = combine(float(pres[k]), float(ev))
+                n += 1
+                if score < self.score_threshold:
+                    continue
+                if cap is not None and len(kept) >= cap:
+                    if cap == 0 or score <= worst[0]:
+                        continue
+                    kept[worst[1]] = [score, n, k, float(pres[k]), float(ev), found.rle(j)]
+                else:
+                    kept.append([score, n, k, float(pres[k]), float(ev), found.rle(j)])
+                if cap is not None and len(kept) >= cap:
+                    pos = min(range(len(kept)), key=lambda i: (kept[i][0], -kept[i][1]))
+                    worst = (kept[pos][0], pos)
+            del found
+        if not kept:
             return Detections.empty(H, W)
-        kept = [cands[i] for i in order]
-        dets = Detections.from_rles([c[1] for c in kept], (H, W), scores[order],
-                                    [int(category_ids[c[0]]) for c in kept], tuple(labels[c[0]] for c in kept),
-                                    presence=[c[2] for c in kept], evidence=[c[3] for c in kept])
+        kept.sort(key=lambda c: (-c[0], c[1]))
+        dets = Detections.from_rles([c[5] for c in kept], (H, W), [c[0] for c in kept],
+                                    [int(category_ids[c[2]]) for c in kept], tuple(labels[c[2]] for c in kept),
+                                    presence=[c[3] for c in kept], evidence=[c[4] for c in kept])
         if self.nms is not None:
             dets = nms(dets, self.nms_iou, self.nms).select(slice(0, self.max_detections))
         return dets

@@ -88,14 +88,16 @@ def tile_weight(h: int, w: int) -> np.ndarray:
 
 
 def minmax(heat: np.ndarray, *, inplace: bool = False) -> np.ndarray:
-    """Per-map min-max to [0,1] (float32); a constant map becomes zeros."""
+    """Per-map min-max to [0,1] (float32: ``(heat − lo) / (hi − lo)``); a constant map becomes zeros.
+    Runs on torch's threads, in place with ``inplace=True`` when ``heat`` is a C-contiguous float32 array."""
     heat = np.asarray(heat, dtype=np.float32)
-    lo, hi = float(heat.min()), float(heat.max())
+    out = heat if inplace and heat.flags.c_contiguous and heat.flags.writeable else np.array(heat, order="C")
+    t = torch.from_numpy(out)
+    lo_t, hi_t = torch.aminmax(t)
+    lo, hi = float(lo_t), float(hi_t)
     if hi <= lo:
         return np.zeros_like(heat, dtype=np.float32)
-    out = heat if inplace else heat.copy()
-    out -= np.float32(lo)
-    out /= np.float32(hi - lo)
+    t.sub_(lo).div_(float(np.float32(hi - lo)))
     return out
 
 
@@ -152,6 +154,10 @@ class ImageMaps:
 
     def __getitem__(self, k: int) -> np.ndarray:
         return self.query(k)
+
+    def finite(self, k: int) -> bool:
+        """Whether query ``k``'s maps are all finite (checked at model resolution: cheap)."""
+        return bool(np.isfinite(self.maps[:, k] if self.tiles is not None else self.maps[k]).all())
 
     def full(self) -> np.ndarray:
         """All maps on the image, ``[K,H,W]`` float32 (``K·H·W·4`` bytes)."""

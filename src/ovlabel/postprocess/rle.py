@@ -23,12 +23,10 @@ def encode_crop(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> 
     col = np.zeros((w, h + 2), dtype=np.int8)  # each column of the box, padded with a zero above and below
     col[:, 1:-1] = crop.T
     d = np.diff(col, axis=1)  # +1 where a run of ones starts, -1 where it ends (per column)
-    cs, rs = np.nonzero(d == 1)
-    ce, re = np.nonzero(d == -1)
-    base = (x0 + np.arange(w, dtype=np.int64)) * height + y0  # index of each box column's top pixel
-    starts = base[cs] + rs
-    ends = base[ce] + re  # exclusive
-    # column-major order: (column, row) pairs come out of nonzero already sorted by column then row
+    flat = np.flatnonzero(d)  # in column-major order of the image: by column, then row
+    c, r = np.divmod(flat, h + 1)
+    pos = (x0 + c) * height + y0 + r  # starts (d = +1) and exclusive ends (d = -1) alternate
+    starts, ends = pos[0::2], pos[1::2]
     runs = np.empty(2 * len(starts) + 1, dtype=np.int64)
     edges = np.empty(2 * len(starts) + 2, dtype=np.int64)
     edges[0] = 0
