@@ -11,7 +11,6 @@ Written as a COCO dataset (``images/*.png`` + ``annotations.json`` with RLE mask
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -171,6 +170,8 @@ def write_coco(out_dir: str | Path, n: int, seed: int, *, sizes: Sequence[tuple[
     """Write ``out_dir/images/*.png`` and ``out_dir/annotations.json`` (COCO, RLE masks)."""
     from PIL import Image
 
+    from ..export.files import atomic_write, fsync_dir, write_json
+
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
@@ -179,7 +180,8 @@ def write_coco(out_dir: str | Path, n: int, seed: int, *, sizes: Sequence[tuple[
                                        empty_fraction=empty_fraction)):
         image_id = first_id + i
         name = f"scene_{image_id:06d}.png"
-        Image.fromarray(scene.image).save(out_dir / "images" / name)
+        with atomic_write(out_dir / "images" / name, "wb", durable=False) as f:
+            Image.fromarray(scene.image).save(f, format="PNG")
         h, w = scene.image.shape[:2]
         images.append({"id": image_id, "file_name": name, "width": w, "height": h})
         for m, lbl in zip(scene.masks, scene.labels):
@@ -192,6 +194,7 @@ def write_coco(out_dir: str | Path, n: int, seed: int, *, sizes: Sequence[tuple[
                 "area": int(m.sum()), "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0,
             })
     path = out_dir / "annotations.json"
-    path.write_text(json.dumps({"info": {"description": f"ovlabel shapes, seed {seed}"}, "images": images,
-                                "annotations": annotations, "categories": categories()}))
+    fsync_dir(out_dir / "images")
+    write_json(path, {"info": {"description": f"ovlabel shapes, seed {seed}"}, "images": images,
+                      "annotations": annotations, "categories": categories()})
     return path

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..export.files import write_json, write_text
 from .shapes import CLASSES, scene_arrays
 
 log = logging.getLogger(__name__)
@@ -141,13 +142,13 @@ def train(out_dir: str | Path, *, steps: int = 8000, minutes: float | None = Non
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     weights = out_dir / f"{MODEL_NAME}.safetensors"
     save_file(state, str(weights))
-    (out_dir / f"{MODEL_NAME}.json").write_text(json.dumps(
-        dict(MODEL_CONFIG, preprocess_cfg={"mean": list(MEAN), "std": list(STD), "size": 64}), indent=2))
+    write_json(out_dir / f"{MODEL_NAME}.json",
+               dict(MODEL_CONFIG, preprocess_cfg={"mean": list(MEAN), "std": list(STD), "size": 64}), indent=2)
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     summary = {"steps": step, "minutes": round((time.time() - train_start) / 60, 2), "seed": seed, "pool": pool,
                "batch": batch, "lr": lr, "zero_shot_single_object": acc, "sha256": digest,
                "size_bytes": weights.stat().st_size, "history": history}
-    (out_dir / "training.json").write_text(json.dumps(summary, indent=2))
+    write_json(out_dir / "training.json", summary, indent=2)
     log.info("done: %d steps, zero-shot %.3f, sha256 %s", step, acc, digest)
     return summary
 
@@ -164,7 +165,7 @@ def ship(run_dir: str | Path, package_models_dir: str | Path | None = None) -> d
     dest.mkdir(parents=True, exist_ok=True)
     summary = json.loads((run_dir / "training.json").read_text())
     shutil.copyfile(run_dir / f"{MODEL_NAME}.safetensors", dest / f"{MODEL_NAME}.safetensors")
-    (dest / f"{MODEL_NAME}.json").write_text(json.dumps(MODEL_CONFIG, indent=2) + "\n")
+    write_text(dest / f"{MODEL_NAME}.json", json.dumps(MODEL_CONFIG, indent=2) + "\n")
     manifest_path = dest / MANIFEST.name
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     manifest[MODEL_NAME] = {
@@ -175,5 +176,5 @@ def ship(run_dir: str | Path, package_models_dir: str | Path | None = None) -> d
         "command": f"ovlabel train-demo --out RUN --steps {summary['steps']} --batch {summary['batch']} "
                    f"--pool {summary['pool']} --lr {summary['lr']} --seed {summary['seed']}",
     }
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return manifest[MODEL_NAME]

@@ -14,6 +14,7 @@ from ..evaluation.coco import evaluate, format_table
 from ..evaluation.report import markdown_table, overlay_grid, per_class_ap_chart, pr_curves
 from ..evaluation.semantic import semantic_evaluation
 from ..export.coco import atomic_write_json, load_coco
+from ..export.files import write_text
 from .runner import Pipeline
 
 DEMO_SIZES = ((64, 96), (96, 64), (80, 80), (72, 112), (64, 64))
@@ -113,5 +114,5 @@ Time: {result['seconds']['total']:.1f} s in all ({result['seconds']['label']:.1f
 Files: `run/predictions.json` (COCO results), `run/dataset.json` (pseudo-labels), `run/overlays/`,
 `run/heatmaps/`, `run/run.yaml` (provenance), `metrics.json`; the data: `data/annotations.json`, `data/images/`.
 """
-    (out_dir / "report.md").write_text(report, encoding="utf-8")
+    write_text(out_dir / "report.md", report)
     return result
