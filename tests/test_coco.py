@@ -213,7 +213,7 @@ def test_heatmap_cache_round_trip_and_errors(tmp_path):
 @pytest.mark.parametrize(
     "case,match",
     [
-        ("unknown_image", "field 'image_id' has ids not in the ground truth: \\[999\\]"),
+        ("all_unknown_images", "none of the 1 images the results name is in the ground truth \\(ids \\[999\\]\\)"),
         ("unknown_category", "field 'category_id' has ids not in the ground truth: \\[55\\]"),
         ("malformed", "is not valid JSON"),
         ("not_a_list", "COCO results are a JSON list"),
@@ -224,7 +224,7 @@ def test_eval_bad_results(tmp_path, gt, capsys, case, match):
     pred = tmp_path / "pred.json"
     good = {"image_id": 100, "category_id": 3, "bbox": [0, 0, 5, 5], "score": 0.9}
     payload = {
-        "unknown_image": json.dumps([good, dict(good, image_id=999)]),
+        "all_unknown_images": json.dumps([dict(good, image_id=999)]),
         "unknown_category": json.dumps([dict(good, category_id=55)]),
         "malformed": '[{"image_id": 100,',
         "not_a_list": json.dumps({"annotations": []}),
@@ -234,6 +234,20 @@ def test_eval_bad_results(tmp_path, gt, capsys, case, match):
     err = capsys.readouterr().err
     assert str(pred) in err and __import__("re").search(match, err)
     assert not (tmp_path / "m.json").exists()
+
+
+def test_eval_warns_about_and_leaves_out_images_the_ground_truth_lacks(tmp_path, gt, capsys):
+    gt_path, truth = gt
+    pred = tmp_path / "pred.json"
+    good = {"image_id": 100, "category_id": 3, "bbox": [0, 0, 14, 14], "score": 0.9}
+    pred.write_text(json.dumps([good, dict(good, image_id=999), dict(good, image_id=998)]))
+    assert main(["eval", "--gt", str(gt_path), "--pred", str(pred), "--iou-type", "bbox",
+                 "--out", str(tmp_path / "m.json")]) == 0
+    err = capsys.readouterr().err
+    assert "2 results name 2 images that the ground truth lacks (ids [998, 999])" in err
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["left_out"]["results"] == 2
+    assert m["bbox"]["stats"] == evaluate(gt_path, [good], ["bbox"])["bbox"]["stats"]  # the known images only
 
 
 @pytest.mark.parametrize("case", ["nan", "shape", "unknown_id", "unknown_query", "size", "duplicate"])

@@ -26,6 +26,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "Pipeline": ".pipeline.runner",
     "ImageResult": ".pipeline.runner",
+    "Detections": ".postprocess.detections",
+    "ImageMaps": ".postprocess.geometry",
+    "read_results": ".export.coco",
     "compute_maps": ".legrad.explain",
     "list_methods": ".legrad.explain",
 }
@@ -46,6 +49,8 @@ def __dir__() -> list[str]:
 __all__ = [
     "CocoFormatError",
     "ConfigError",
+    "Detections",
+    "ImageMaps",
     "ImageReadError",
     "ImageResult",
     "InputError",
@@ -57,4 +62,5 @@ __all__ = [
     "__version__",
     "compute_maps",
     "list_methods",
+    "read_results",
 ]

@@ -15,14 +15,23 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import OvlabelError
+from .errors import InputError, OvlabelError
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from .legrad import describe_methods
+    from .legrad.catalog import describe
 
-    for name, summary in describe_methods().items():
+    for name, summary in describe().items():
         print(f"{name:<15} {summary}")
+    return 0
+
+
+def _cmd_formats(args: argparse.Namespace) -> int:
+    from .export import formats
+
+    for name in sorted(formats.EXPORTERS):
+        print(name)
+    print("\n" + (formats.__doc__ or "").split("Built in:")[-1].strip())
     return 0
 
 
@@ -34,13 +43,14 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_postprocess(args: argparse.Namespace) -> int:
-    from .config import load_config
     from .pipeline.offline import postprocess_heatmaps
 
-    cfg = load_config(args.config, args.set)
-    summary = postprocess_heatmaps(args.heatmaps, args.out, config=cfg, gt=args.coco_gt, categories=args.categories)
-    print(f"{summary['images']} images, {summary['annotations']} detections -> "
-          f"{Path(args.out) / 'predictions.json'}, {Path(args.out) / 'dataset.json'}")
+    summary = postprocess_heatmaps(args.heatmaps, args.out, config=args.config,
+                                   overrides=[*args.set, *_export_overrides(args)], gt=args.coco_gt,
+                                   categories=args.categories, images=args.images,
+                                   command=shlex.join(["ovlabel", *(args.argv or [])]))
+    print(f"{summary['images']} images, {summary['annotations']} annotations in dataset.json -> {args.out}"
+          + "".join(f"; {name} in {Path(args.out) / info['folder']}" for name, info in summary["formats"].items()))
     return 0
 
 
@@ -50,8 +60,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     gt = load_coco(args.gt)
     results = read_json(args.pred, "predictions")
-    metrics: dict = evaluate(gt, results, tuple(args.iou_type), source=str(args.pred))
-    print(format_table(metrics))
+    metrics: dict = evaluate(gt, results, tuple(args.iou_type), source=str(args.pred), unknown_images="warn")
+    print(format_table({k: v for k, v in metrics.items() if k in ("bbox", "segm")}))
     if args.semantic or args.heatmaps:
         from .evaluation.semantic import semantic_evaluation
 
@@ -78,6 +88,32 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def _export_overrides(args: argparse.Namespace) -> list[str]:
+    sets = []
+    if args.masks:
+        sets.append(f"export.masks={args.masks}")
+    if args.formats:
+        sets.append("export.formats=[" + ", ".join(args.formats) + "]")
+    if args.dataset_min_score is not None:
+        sets.append(f"export.dataset_min_score={args.dataset_min_score}")
+    return sets
+
+
+def _queries(args: argparse.Namespace) -> list[str] | None:
+    """``--queries a b`` and ``-q a -q b`` together; a query that is an existing path is refused (the
+    greedy ``--queries`` list took an input)."""
+    names = [*(args.queries or []), *(args.query or [])]
+    for name in names:
+        p = Path(name)
+        if ("/" in name or "\\" in name or p.suffix) and p.exists():
+            kind = "a folder" if p.is_dir() else "a file"
+            raise InputError(f"--queries took {name!r} as a class name, but it is {kind}: put INPUTS before "
+                             "--queries, end the list with --, or give each class with -q NAME")
+    if names and args.queries_file:
+        raise InputError("pass classes with --queries/-q or with --queries-file, not both")
+    return names or None
+
+
 def _label_overrides(args: argparse.Namespace) -> list[str]:
     sets = list(args.set)
     pairs = [("model.name", args.model), ("model.pretrained", args.pretrained), ("model.device", args.device),
@@ -90,24 +126,29 @@ def _label_overrides(args: argparse.Namespace) -> list[str]:
                       ("run.strict", args.strict)):
         if flag:
             sets.append(f"{key}=true")
-    if args.masks:
-        sets.append(f"export.masks={args.masks}")
-    if args.no_progress:
+    sets += _export_overrides(args)
+    if args.no_progress or getattr(args, "quiet", False):
         sets.append("run.progress=false")
     return sets
 
 
 def _cmd_label(args: argparse.Namespace) -> int:
-    import warnings
-
     from .config import load_config
+
+    queries = _queries(args)
+    cfg = load_config(args.config, _label_overrides(args))
+    if args.threads is not None:
+        _set_threads(args.threads)
     from .pipeline.runner import Pipeline
 
-    cfg = load_config(args.config, _label_overrides(args))
     with warnings.catch_warnings():
-        warnings.simplefilter("default")
+        warnings.simplefilter("ignore" if getattr(args, "quiet", False) else "default")
         pipe = Pipeline(cfg)
-        summary = pipe.run(args.inputs, args.out, queries=args.queries, queries_file=args.queries_file,
+        if args.threads is not None:
+            import dataclasses
+
+            pipe.postprocessor = dataclasses.replace(pipe.postprocessor, threads=max(1, min(2, args.threads)))
+        summary = pipe.run(args.inputs, args.out, queries=queries, queries_file=args.queries_file,
                            coco_gt=args.coco_gt, images_dir=args.images_dir, resume=args.resume, shard=args.shard,
                            retry_failed=args.retry_failed, command=shlex.join(["ovlabel", *(args.argv or [])]))
     c = summary["counts"]
@@ -117,7 +158,39 @@ def _cmd_label(args: argparse.Namespace) -> int:
         print(f"  skipped {f['file']}: {f['error']}")
     if len(summary["failures"]) > 10:
         print(f"  … {len(summary['failures']) - 10} more in run.yaml")
+    if c["labelled"] and not c["detections"]:
+        print(_no_detections(c.get("postprocess", {}), cfg))
+    if summary.get("image_root"):
+        print(f"file names in dataset.json are relative to {summary['image_root']}")
     return 0
+
+
+def _no_detections(stats: dict, cfg) -> str:
+    """Why a run found nothing, from the post-processing counts."""
+    pp = cfg.postprocess
+    q, absent = stats.get("queries", 0), stats.get("absent", 0)
+    if q and absent == q:
+        return (f"0 detections: every query was judged absent (presence below postprocess.presence_threshold = "
+                f"{pp.presence_threshold}); lower it, or check the queries and the model")
+    if stats.get("candidates", 0) == 0:
+        return (f"0 detections: no region of any map passed the threshold ({pp.threshold.method} "
+                f"{pp.threshold.value}) and the minimum area (postprocess.min_area = {pp.min_area} px, "
+                f"min_area_fraction = {pp.min_area_fraction}); {absent} of {q} query-image pairs were absent")
+    if stats.get("below_score", 0) == stats.get("candidates", 0):
+        return (f"0 detections: all {stats['candidates']} candidate regions scored below "
+                f"postprocess.score_threshold = {pp.score_threshold}")
+    return "0 detections"
+
+
+def _set_threads(n: int) -> None:
+    """This process's CPU threads (the command line owns the process; the library never sets them)."""
+    if n < 1:
+        raise InputError(f"--threads must be at least 1, got {n}")
+    import cv2
+    import torch
+
+    torch.set_num_threads(n)
+    cv2.setNumThreads(n)
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -153,35 +226,85 @@ def _cmd_train_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default: the value given to argparse, or the configuration's for options
+    that set a config key (written in their help as ``{config: section.key}``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        m = _CONFIG_REF.search(text)
+        if m:
+            return _CONFIG_REF.sub(f"(default: {_config_default(m.group(1))}; config {m.group(1)})", text)
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+_CONFIG_REF = __import__("re").compile(r"\{config: ([\w.]+)\}")
+
+
+def _config_default(key: str) -> str:
+    from .config import Config
+
+    value = Config().model_dump()
+    for part in key.split("."):
+        value = value[part]
+    if value is None:
+        return "the model's own" if key.startswith("preprocess.") else "the method's" if "layers" in key else "none"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _common() -> argparse.ArgumentParser:
+    """Options every command takes, before or after its name."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("output")
+    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress details")
+    g.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="only errors: no warnings, no progress bar")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
+    common = _common()
     parser = argparse.ArgumentParser(prog="ovlabel", description="Label images from text with CLIP "
-                                     "explainability maps (LeGrad), no training.")
+                                     "explainability maps (LeGrad), no training.", parents=[common],
+                                     formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"ovlabel {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("methods", help="list the explainer methods")
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=[common], formatter_class=_Formatter)
+
+    p = add("methods", "list the explainer methods")
     p.set_defaults(func=_cmd_methods)
 
-    p = sub.add_parser("config", help="configuration tools")
+    p = add("formats", "list the pseudo-label dataset formats (export.formats)")
+    p.set_defaults(func=_cmd_formats)
+
+    p = add("config", "configuration tools")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    q = csub.add_parser("show", help="print the resolved configuration")
+    q = csub.add_parser("show", help="print the resolved configuration", parents=[common], formatter_class=_Formatter)
     q.add_argument("--config", help="a YAML file or a shipped preset name (default: default)")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. postprocess.threshold.method=otsu (repeatable)")
     q.set_defaults(func=_cmd_config_show)
 
-    p = sub.add_parser("postprocess", help="turn cached heatmaps into COCO predictions and a dataset (no model)")
+    p = add("postprocess", "turn cached heatmaps into COCO predictions, a dataset, formats and overlays (no model)")
     p.add_argument("--heatmaps", required=True, help="folder of .npz heatmap files")
     p.add_argument("--out", required=True, help="output folder for predictions.json and dataset.json")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--coco-gt", help="ground truth: categories and image ids come from it")
-    g.add_argument("--categories", help="categories file (.json COCO categories or names; .txt one name per line)")
-    p.add_argument("--config", help="a YAML file or a shipped preset name")
+    g.add_argument("--categories", help="categories file (.json COCO categories or names; .txt one name per line) "
+                   "(default: the ids of the run that wrote the heatmaps)")
+    p.add_argument("--config", help="a YAML file or a shipped preset name (default: the configuration of the run "
+                   "that wrote the heatmaps — its run.yaml beside the heatmaps folder —, else default)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--images", help="the images folder, for overlays and YOLO datasets (default: where the run "
+                   "read them)")
+    _export_options(p)
     p.set_defaults(func=_cmd_postprocess)
 
-    p = sub.add_parser("eval", help="COCO evaluation with pycocotools (+ semantic metrics)")
+    p = add("eval", "COCO evaluation with pycocotools (+ semantic metrics)")
     p.add_argument("--gt", required=True, help="COCO ground-truth JSON")
     p.add_argument("--pred", required=True, help="COCO results JSON (predictions.json)")
     p.add_argument("--iou-type", nargs="+", default=["bbox", "segm"], choices=["bbox", "segm"])
@@ -189,49 +312,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--semantic", action="store_true", help="also class-wise mask mIoU")
     p.add_argument("--heatmaps", help="folder of cached heatmaps: FG/BG metrics and pointing game of the maps")
     p.add_argument("--mask-score-threshold", type=float, default=0.5,
-                   help="predicted masks scoring at least this count for the mask mIoU (default 0.5)")
+                   help="predicted masks scoring at least this count for the mask mIoU")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("label", help="label images: COCO predictions, a pseudo-label dataset, pictures")
+    p = add("label", "label images: COCO predictions, a pseudo-label dataset, pictures")
     p.add_argument("inputs", nargs="*", help="folders (recursive), image files, or .txt files listing paths")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", help="a YAML file or a shipped preset name (default: default)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    q = p.add_mutually_exclusive_group()
-    q.add_argument("--queries", nargs="+", help="the classes to label")
+    q = p.add_argument_group("queries (one of)")
+    q.add_argument("--queries", nargs="+", metavar="NAME", help="the classes to label (put INPUTS before it, or end "
+                   "the list with --)")
+    q.add_argument("-q", "--query", action="append", metavar="NAME", help="one class to label (repeatable)")
     q.add_argument("--queries-file", help="classes: .txt (one per line) or .json (COCO categories or names)")
     p.add_argument("--coco-gt", help="a COCO file: its images and categories (ids kept) are labelled")
     p.add_argument("--images-dir", help="the folder the --coco-gt file names are relative to")
-    p.add_argument("--model", help="open_clip model name, a model-config .json, or ovlabel-shapes")
-    p.add_argument("--pretrained", help="open_clip tag, checkpoint file (.pt/.bin/.safetensors), or none")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--method", help="explainer (see `ovlabel methods`)")
-    p.add_argument("--layers", help="all | -n | [i,j]")
-    p.add_argument("--size", type=int, help="input size (longest side)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--workers", type=int, help="image-decoding worker processes")
-    p.add_argument("--save-heatmaps", action="store_true", help="write heatmaps/*.npz")
-    p.add_argument("--overlays", action="store_true", help="write overlays/*.jpg")
-    p.add_argument("--masks", choices=["instance", "semantic"], help="write masks/*.png")
-    p.add_argument("--resume", action="store_true", help="continue a run that was interrupted (the same command "
+    m = p.add_argument_group("model and explainer")
+    m.add_argument("--model", help="open_clip model name, a model-config .json, or ovlabel-shapes {config: model.name}")
+    m.add_argument("--pretrained", help="open_clip tag, checkpoint file (.pt/.bin/.safetensors), or none; a model "
+                   "shipped with ovlabel uses its own weights {config: model.pretrained}")
+    m.add_argument("--device", help="auto | cpu | cuda | cuda:N {config: model.device}")
+    m.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="{config: model.precision}")
+    m.add_argument("--method", help="explainer, see `ovlabel methods` {config: explainer.method}")
+    m.add_argument("--layers", help="all | -n | [i,j] {config: explainer.layers}")
+    m.add_argument("--size", type=int, help="input size (longest side) {config: preprocess.size}")
+    r = p.add_argument_group("run")
+    r.add_argument("--batch-size", type=int, help="{config: run.batch_size}")
+    r.add_argument("--workers", type=int, help="image-decoding worker processes {config: run.workers}")
+    r.add_argument("--threads", type=int, help="CPU threads of this process (torch, OpenCV, post-processing) "
+                   "(default: all cores)")
+    r.add_argument("--resume", action="store_true", help="continue a run that was interrupted (the same command "
                    "plus --resume); images that failed stay failed unless --retry-failed")
-    p.add_argument("--retry-failed", action="store_true",
+    r.add_argument("--retry-failed", action="store_true",
                    help="with --resume: label again the images whose record is a failure")
-    p.add_argument("--shard", type=_parse_shard, default=(0, 1), metavar="I/N",
+    r.add_argument("--shard", type=_parse_shard, default="0/1", metavar="I/N",
                    help="process the I-th of N deterministic shares (merge with `ovlabel merge`)")
-    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--strict", action="store_true", help="stop at the first image that fails")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o = p.add_argument_group("outputs")
+    o.add_argument("--save-heatmaps", action="store_true", help="write heatmaps/*.npz")
+    o.add_argument("--overlays", action="store_true", help="write overlays/*.jpg")
+    _export_options(o)
     p.set_defaults(func=_cmd_label)
 
-    p = sub.add_parser("merge", help="merge shard runs into one set of files")
+    p = add("merge", "merge the shards of a run into one set of files")
     p.add_argument("runs", nargs="+", help="run folders (each with records/ and run*.yaml)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_merge)
 
-    p = sub.add_parser("train-demo", help="train the tiny shapes CLIP that ships with ovlabel")
+    p = add("train-demo", "train the tiny shapes CLIP that ships with ovlabel")
     p.add_argument("--out", required=True, help="output folder (weights, config, training log)")
-    p.add_argument("--steps", type=int, default=8000, help="optimisation steps (default 8000, ~45 min on 2 cores)")
+    p.add_argument("--steps", type=int, default=8000, help="optimisation steps (~45 min on 2 cores for 8000)")
     p.add_argument("--minutes", type=float, help="stop on wall time instead (not reproducible)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pool", type=int, default=50000, help="generated training scenes")
@@ -240,14 +371,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ship", action="store_true", help="copy the result into the package (src/ovlabel/models)")
     p.set_defaults(func=_cmd_train_demo)
 
-    p = sub.add_parser("demo", help="offline demo: label generated scenes with the shipped model, evaluate, report")
-    p.add_argument("--out", default="ovlabel-demo", help="output folder (default ovlabel-demo)")
-    p.add_argument("--images", type=int, default=40, help="held-out scenes to generate (default 40)")
+    p = add("demo", "offline demo: label generated scenes with the shipped model, evaluate, report")
+    p.add_argument("--out", default="ovlabel-demo", help="output folder")
+    p.add_argument("--images", type=int, default=40, help="held-out scenes to generate")
     p.add_argument("--seed", type=int, default=2025)
-    p.add_argument("--config", default="shapes", help="config preset or file (default: shapes)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--config", default="shapes", help="config preset or file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _export_options(p) -> None:
+    p.add_argument("--masks", choices=["instance", "semantic"], help="write masks/*.png and their .json "
+                   "(same as --format masks-KIND) {config: export.masks}")
+    p.add_argument("--format", action="append", metavar="FORMAT", dest="formats",
+                   help="also write the pseudo-label dataset as FORMAT (repeatable; `ovlabel formats`) "
+                   "{config: export.formats}")
+    p.add_argument("--dataset-min-score", type=float, help="dataset.json and the formats keep annotations scoring "
+                   "at least this; predictions.json keeps all {config: export.dataset_min_score}")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -258,7 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    level = logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    logging.getLogger("ovlabel").setLevel(level)
     previous = warnings.showwarning
     warnings.showwarning = _show_warning
     try:

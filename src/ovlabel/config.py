@@ -121,11 +121,27 @@ class PostprocessConfig(_Section):
     nms_iou: float = Field(default=0.5, ge=0.0, le=1.0)
 
 
+FORMATS = ("masks-instance", "masks-semantic", "yolo-seg", "yolo-det")
+
+
 class ExportConfig(_Section):
     segmentation: Literal["rle", "polygon"] = "rle"
     heatmaps: bool = False
     overlays: bool = False
-    masks: Literal["instance", "semantic"] | None = None
+    masks: Literal["instance", "semantic"] | None = None  # shorthand for formats: [masks-instance|semantic]
+    formats: list[Literal["masks-instance", "masks-semantic", "yolo-seg", "yolo-det"]] = []  # ovlabel.export.formats
+    dataset_min_score: float = Field(default=0.0, ge=0.0, le=1.0)  # dataset.json (and formats) keep scores >= this
+
+    @property
+    def all_formats(self) -> list[str]:
+        return formats_of(self.model_dump())
+
+
+def formats_of(export: dict) -> list[str]:
+    """The dataset formats an ``export`` section asks for: ``formats`` with the ``masks`` shorthand added."""
+    formats = list(export.get("formats") or [])
+    masks = export.get("masks")
+    return ([f"masks-{masks}"] if masks and f"masks-{masks}" not in formats else []) + formats
 
 
 class RunConfig(_Section):

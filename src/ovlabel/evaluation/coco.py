@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -52,15 +53,32 @@ def _empty_results(gt: COCO) -> COCO:
 
 def evaluate(gt: COCO | str | Path, results: list[dict] | str | Path,
              iou_types: tuple[str, ...] | list[str] = IOU_TYPES, *, verbose: bool = False,
-             source: str = "results", curves: bool = False) -> dict:
+             source: str = "results", curves: bool = False, unknown_images: str = "error") -> dict:
     """``{iou_type: {"stats": {name: value}, "per_class": {category name: AP}}}`` (values as pycocotools
     computes them, in [0,1]; -1 where pycocotools has no data). ``curves`` adds ``"pr50"``: per category,
-    the precision at pycocotools' 101 recall points at IoU 0.5 (area all, 100 detections)."""
+    the precision at pycocotools' 101 recall points at IoU 0.5 (area all, 100 detections).
+
+    ``unknown_images``: results naming images the ground truth lacks are an error (``"error"``), or are
+    left out with a warning (``"warn"``; the count is in ``out["left_out"]``) — unless none is known."""
     if not isinstance(gt, COCO):
         gt = load_coco(gt)
     if isinstance(results, (str, Path)):
         source = str(results)
         results = read_json(results, "results")
+    left_out = None
+    if unknown_images == "warn" and isinstance(results, list):
+        known = set(gt.getImgIds())
+        unknown = sorted({r.get("image_id") for r in results if isinstance(r, dict)} - known, key=str)
+        if unknown:
+            kept = [r for r in results if not isinstance(r, dict) or r.get("image_id") in known]
+            if results and not kept:
+                raise CocoFormatError(f"{source}: none of the {len(unknown)} images the results name is in the "
+                                      f"ground truth (ids {unknown[:10]}); is this the right ground truth?")
+            left_out = {"results": len(results) - len(kept), "images": len(unknown), "image_ids": unknown[:20]}
+            warnings.warn(f"{source}: {left_out['results']} results name {len(unknown)} images that the ground "
+                          f"truth lacks (ids {unknown[:10]}{', …' if len(unknown) > 10 else ''}); they are left out "
+                          "of the evaluation", stacklevel=2)
+            results = kept
     check_results(results, gt.getImgIds(), gt.getCatIds(), source)
     out = {}
     for iou_type in iou_types:
@@ -83,6 +101,8 @@ def evaluate(gt: COCO | str | Path, results: list[dict] | str | Path,
         if curves:
             out[iou_type]["pr50"] = {gt.cats[c]["name"]: precision[0, :, k, 0, -1].tolist()
                                      for k, c in enumerate(ev.params.catIds)}
+    if left_out is not None:
+        out["left_out"] = left_out
     return out
 
 

@@ -115,6 +115,31 @@ def detections_to_results(image_id: int, dets: Detections) -> list[dict]:
     return out
 
 
+def read_results(results: str | Path | list[dict], gt: COCO | str | Path | None = None) -> dict[int, Detections]:
+    """COCO results (``predictions.json``, or the list) → ``{image_id: Detections}``. Image sizes come from
+    the results' RLEs (or the ground truth ``gt`` for polygons); category names from ``gt``."""
+    if isinstance(results, (str, Path)):
+        results = read_json(results, "results")
+    coco = load_coco(gt) if isinstance(gt, (str, Path)) else gt
+    names = {c["id"]: c["name"] for c in coco.dataset["categories"]} if coco is not None else None
+    by_image: dict[int, list[dict]] = {}
+    for r in check_results(results, {r.get("image_id") for r in results if isinstance(r, dict)} if coco is None
+                           else coco.getImgIds(), ({r.get("category_id") for r in results if isinstance(r, dict)}
+                                                   if coco is None else coco.getCatIds()), "results"):
+        by_image.setdefault(int(r["image_id"]), []).append(r)
+    out = {}
+    for image_id, rs in sorted(by_image.items()):
+        seg = rs[0].get("segmentation")
+        if isinstance(seg, dict) and "size" in seg:
+            size = tuple(seg["size"])
+        elif coco is not None:
+            size = (coco.imgs[image_id]["height"], coco.imgs[image_id]["width"])
+        else:
+            raise CocoFormatError(f"image {image_id}: polygon results need the ground truth for the image size")
+        out[image_id] = Detections.from_coco_results(rs, size, names).sorted()
+    return out
+
+
 def check_results(results: Any, image_ids: Iterable[int], category_ids: Iterable[int], source: str) -> list[dict]:
     """Structural checks of a results list and of its ids against the ground truth."""
     if not isinstance(results, list):

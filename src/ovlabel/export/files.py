@@ -49,6 +49,13 @@ def file_mode() -> int:
     return 0o666 & ~UMASK
 
 
+def output_stem(image_id: int, file_name: str) -> str:
+    """The name of an image's per-image outputs, kept inside their folder: ``<id>_<sanitised stem>``."""
+    stem = Path(file_name).stem
+    stem = re.sub(r"[^\w.\-]+", "_", stem, flags=re.UNICODE).strip("._") or "image"
+    return f"{int(image_id):06d}_{stem[:80]}"
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -143,15 +150,19 @@ def write_yaml(path: str | Path, data: Any) -> Path:
     return Path(path)
 
 
-def remove_stale_temps(directory: str | Path, names: Iterable[str] | None = None) -> int:
+def remove_stale_temps(directory: str | Path, names: Iterable[str] | None = None, *, recursive: bool = False) -> int:
     """Remove temporary files that a killed writer left in ``directory`` (only those for the given
-    target ``names``, so that other processes' files in flight are left alone). Returns the count."""
+    target ``names``, so that other processes' files in flight are left alone; all with ``None``), and in
+    its subfolders with ``recursive``. Returns the count."""
     directory = Path(directory)
     if not directory.is_dir():
         return 0
     wanted = None if names is None else set(names)
     removed = 0
     for entry in os.scandir(directory):
+        if recursive and entry.is_dir(follow_symlinks=False):
+            removed += remove_stale_temps(entry.path, wanted, recursive=True)
+            continue
         m = TEMP_PATTERN.match(entry.name)
         if m and (wanted is None or m["name"] in wanted) and entry.is_file(follow_symlinks=False):
             with contextlib.suppress(FileNotFoundError):

@@ -144,9 +144,11 @@ def finalize(
     gt: COCO | None = None,
     segmentation: str = "rle",
     info: dict | None = None,
+    dataset_min_score: float = 0.0,
 ) -> dict:
-    """Merge records into ``out_dir/predictions.json`` and ``out_dir/dataset.json``. Returns counts and
-    the failures (image and reason)."""
+    """Merge records into ``out_dir/predictions.json`` (every detection, for evaluation) and
+    ``out_dir/dataset.json`` (the pseudo-labels: detections scoring at least ``dataset_min_score``, the
+    score kept as an annotation field). Returns counts and the failures (image and reason)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = merged_records(record_paths)
@@ -183,6 +185,8 @@ def finalize(
                 if (h, w) != tuple(rle["size"]):
                     raise CocoFormatError(f"image {image['id']}: mask size {rle['size']} differs from the image "
                                           f"size {[h, w]}")
+                if r["score"] < dataset_min_score:
+                    continue
                 seg, decoded = segmentation_for_dataset(rle, segmentation)
                 n_ann += 1
                 data.add({"id": n_ann, "image_id": image["id"], "category_id": r["category_id"],

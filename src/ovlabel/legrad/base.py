@@ -61,8 +61,16 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, *, default_layers: Layers, summary: str) -> Callable:
-    """Register ``fn(inp: ExplainInput, **options) -> Tensor [B,K|1,gh,gw] | MethodOutput`` under ``name``."""
+def register_method(name: str, *, default_layers: Layers = None, summary: str | None = None) -> Callable:
+    """Register ``fn(inp: ExplainInput, **options) -> Tensor [B,K|1,gh,gw] | MethodOutput`` under ``name``.
+    The built-in methods take their default blocks and summary from :mod:`ovlabel.legrad.catalog`."""
+    from .catalog import BUILTIN
+
+    if name in BUILTIN:
+        default_layers = BUILTIN[name].default_layers if default_layers is None else default_layers
+        summary = BUILTIN[name].summary if summary is None else summary
+    if summary is None:
+        raise ValueError(f"method {name!r} needs a summary")
 
     def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         params = list(inspect.signature(fn).parameters.values())[1:]

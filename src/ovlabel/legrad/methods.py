@@ -25,12 +25,7 @@ def _pooler_reads_no_blocks(inp: ExplainInput, method: str) -> None:
                          "legrad, chefercam or rollout, which use the blocks)")
 
 
-@register_method(
-    "legrad",
-    default_layers=-2,
-    summary="LeGrad (default): gradient of each block's image-text cosine w.r.t. its attention, ReLU, "
-    "summed over blocks (default last 2). Per query ≈0.07x a forward (last 2), ≈0.45x (all), ViT-B-16.",
-)
+@register_method("legrad")
 def legrad(inp: ExplainInput, *, chunk_size: int | None = None, batched: bool | None = None,
            empty_prompt: Tensor | None = None) -> MethodOutput:
     """LeGrad. One forward pass per image batch serves all queries; per query and selected block the
@@ -62,11 +57,7 @@ def legrad(inp: ExplainInput, *, chunk_size: int | None = None, batched: bool | 
     return MethodOutput(corrected, final=True, embedding=embedding)
 
 
-@register_method(
-    "raw_attention",
-    default_layers="last",
-    summary="Raw attention of the last block, CLS row, mean over heads (text-independent). No cost per query.",
-)
+@register_method("raw_attention")
 def raw_attention(inp: ExplainInput) -> Tensor:
     """Mean over heads of the readout row (CLS; the pooler's query for SigLIP/CoCa) of the selected
     blocks' attention (default: last block). The same map for every query: no cost per query.
@@ -75,23 +66,14 @@ def raw_attention(inp: ExplainInput) -> Tensor:
     return baselines.raw_attention(inp.tower, inp.images, inp.layers)
 
 
-@register_method(
-    "rollout",
-    default_layers="all",
-    summary="Attention rollout (Abnar & Zuidema) over all blocks (text-independent). No cost per query.",
-)
+@register_method("rollout")
 def rollout(inp: ExplainInput) -> Tensor:
     """Attention rollout: ``rownorm(mean_h A + I)`` multiplied over the selected blocks (default: all),
     readout row. The same map for every query: no cost per query; O(T²) per block."""
     return baselines.rollout(inp.tower, inp.images, inp.layers)
 
 
-@register_method(
-    "gradcam",
-    default_layers="last",
-    summary="Grad-CAM on the last block's attention (per-head weights = score gradient averaged over the "
-    "CLS row). One backward through the shared graph per query chunk.",
-)
+@register_method("gradcam")
 def gradcam(inp: ExplainInput, *, chunk_size: int | None = None) -> Tensor:
     """Grad-CAM for ViTs, the attention variant of Chefer et al.'s baselines: score =
     ``logit_scale·cos``; per head ``w_h`` = mean over the readout row of ``∂score/∂A_h``; map =
@@ -102,12 +84,7 @@ def gradcam(inp: ExplainInput, *, chunk_size: int | None = None) -> Tensor:
     return baselines.gradcam(inp.model, inp.tower, inp.images, inp.text, inp.layers, chunk_size)
 
 
-@register_method(
-    "chefercam",
-    default_layers="last",
-    summary="CheferCAM / GAE (Chefer et al. ICCV 2021, the CLIP rule): R <- R + mean_h relu(grad*A) R over "
-    "the selected blocks (default last). One backward through the shared graph per query chunk.",
-)
+@register_method("chefercam")
 def chefercam(inp: ExplainInput, *, chunk_size: int | None = None) -> Tensor:
     """CheferCAM / GAE as used for CLIP (see :func:`ovlabel.legrad.baselines.chefercam`). Cost per query:
     a backward from the score to the first selected block, batched over query chunks, plus O(T²) per
@@ -115,12 +92,7 @@ def chefercam(inp: ExplainInput, *, chunk_size: int | None = None) -> Tensor:
     return baselines.chefercam(inp.model, inp.tower, inp.images, inp.text, inp.layers, chunk_size)
 
 
-@register_method(
-    "chefer_lrp",
-    default_layers="all",
-    summary="Chefer, Gur, Wolf CVPR 2021: LRP relevance (alpha=1, beta=0) times gradients at every block's "
-    "attention, multiplied over blocks. Per query: a backward plus an LRP pass (~3x a forward).",
-)
+@register_method("chefer_lrp")
 def chefer_lrp(inp: ExplainInput, *, chunk_size: int | None = None) -> Tensor:
     """Chefer 2021 relevance propagation (rules in :mod:`ovlabel.legrad.lrp`). CLS-token open_clip ViTs
     only. Cost per query: a backward for ``∇A`` and an LRP pass through all blocks (≈3× a forward)."""

@@ -20,7 +20,7 @@ from ..errors import InputError
 from ..export.categories import Categories
 from ..export.coco import load_coco
 from ..export.files import ensure_writable_dir, sha256_file, write_yaml
-from ..export.records import finalize
+from ..export.formats import write_dataset
 from . import manifest as run_manifest
 
 
@@ -103,12 +103,14 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
         if sha256_file(inputs["coco_gt"]) != inputs["coco_gt_sha256"]:
             raise InputError(f"the ground truth {inputs['coco_gt']} changed since the run started")
         gt = load_coco(inputs["coco_gt"])
-    merged = finalize(record_files, out_dir, cats, gt=gt, segmentation=settings["export"]["segmentation"],
-                      info={"description": "ovlabel pseudo-labels", "version": __version__})
+    merged = write_dataset(record_files, out_dir, cats, export_cfg=settings["export"], gt=gt,
+                           image_root=inputs.get("image_root"),
+                           image_paths={it.id: it.path for it in run_manifest.items(first)})
     meta = metas[0][1]
     summary = {"ovlabel": __version__, "status": "complete", "merged_from": [str(y) for y, _ in metas],
                "end_time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-               "queries": meta.get("queries"), "config": meta.get("config"), "model": meta.get("model"),
+               "image_root": inputs.get("image_root"), "queries": meta.get("queries"), "config": meta.get("config"),
+               "model": meta.get("model"),
                "explainer": meta.get("explainer"),
                "counts": {"images": merged["images"], "annotations": merged["annotations"],
                           "failed": len(merged["failures"])}, "failures": merged["failures"]}

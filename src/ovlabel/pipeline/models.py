@@ -51,6 +51,74 @@ class _DropOpenClipRecords(logging.Filter):
         return not (record.name.startswith("open_clip") or "open_clip" in Path(record.pathname).parts)
 
 
+def _cached_weights(arch: str, tag: str) -> str | None:
+    """The local file of an open_clip pretrained tag if it is already downloaded, else ``None``."""
+    import os
+
+    import open_clip
+    from open_clip import pretrained as oc_pretrained
+
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if cfg.get("file"):
+        return cfg["file"]
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(hub)
+        filename = filename or oc_pretrained.HF_WEIGHTS_NAME
+        for name in [*oc_pretrained._get_safe_alternatives(filename), filename]:
+            found = try_to_load_from_cache(repo, name)
+            if isinstance(found, str):
+                return found
+        return None
+    url = cfg.get("url", "")
+    if url:
+        target = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        return str(target) if target.is_file() else None
+    return None
+
+
+def _check_reachable(name: str, arch: str, tag: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, with what to do, when a tag's weights are not cached and cannot be downloaded
+    (hub clients otherwise retry for about a minute on a machine without network)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    import open_clip
+
+    if _cached_weights(arch, tag):
+        return
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co") if cfg.get("hf_hub") else cfg.get("url", "")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    from huggingface_hub import constants
+
+    offline = bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    reason = "HF_HUB_OFFLINE is set" if offline else None
+    if reason is None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            return
+        except OSError as e:
+            reason = f"{host} cannot be reached: {e.strerror or e}"
+    raise ModelLoadError(
+        f"the weights of {name} / {tag} are not in the local cache and cannot be downloaded ({reason}). "
+        f"Download them elsewhere and pass the file: --pretrained /path/to/open_clip_pytorch_model.bin "
+        "(or .safetensors)")
+
+
+def default_weights(name: str, pretrained: str | None) -> str | None:
+    """A model shipped with ovlabel loads its own weights unless others are chosen: the configuration's
+    default tag (``laion2b_s34b_b88k``, meant for ``ViT-B-16``) does not count as a choice."""
+    from ..config import ModelConfig
+
+    if pretrained == ModelConfig().pretrained and name in shipped_models():
+        return "shipped"
+    return pretrained
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -128,6 +196,7 @@ def load_model(name: str, pretrained: str | None, *, device: str = "auto", preci
             if pretrained not in tags:
                 raise ModelLoadError(f"{pretrained!r} is not a pretrained tag of {name} (known: "
                                      f"{', '.join(tags) or 'none'}) nor an existing checkpoint file")
+            _check_reachable(name, arch, pretrained)
             weights = pretrained
             provenance.update(pretrained=pretrained)
     precision_map = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}

@@ -26,7 +26,6 @@ import datetime as _dt
 import json
 import logging
 import platform
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,17 +39,25 @@ from .. import __version__
 from ..config import Config, deep_merge, load_config
 from ..errors import ImageReadError, InputError, OutputError
 from ..export.categories import Categories, load_categories
-from ..export.coco import check_png_category_ids, load_coco, write_label_png
-from ..export.files import ensure_writable_dir, fsync_dir, remove_stale_temps, sha256_file, write_yaml
+from ..export.coco import check_png_category_ids, load_coco
+from ..export.files import (
+    ensure_writable_dir,
+    fsync_dir,
+    output_stem,
+    remove_stale_temps,
+    sha256_file,
+    write_yaml,
+)
+from ..export.formats import write_dataset
 from ..export.heatmaps import save_heatmaps
 from ..export.overlays import draw_overlay, save_image_atomic
-from ..export.records import RecordWriter, finalize, make_record, read_records
+from ..export.records import RecordWriter, make_record, read_records
 from ..postprocess import Detections, ImageMaps, Letterbox, Postprocessor
 from ..postprocess.scoring import presence_from_logits
 from . import manifest as run_manifest
 from .backend import Backend, TorchBackend
-from .images import DecodedImage, ImageItem, coco_inputs, collect_inputs, decode_item
-from .models import LoadedModel, load_model
+from .images import DecodedImage, ImageItem, coco_inputs, collect_inputs, decode_item, input_root
+from .models import LoadedModel, default_weights, load_model
 from .preprocess import Normalization, Tile, tile_regions, to_input
 from .queries import QuerySet, build_queries, embed_queries
 
@@ -110,9 +117,7 @@ class RunPlan:
 
 def safe_name(item: ImageItem) -> str:
     """A file name for per-image outputs that stays inside its folder: ``<id>_<sanitised stem>``."""
-    stem = Path(item.file_name).stem
-    stem = re.sub(r"[^\w.\-]+", "_", stem, flags=re.UNICODE).strip("._") or "image"
-    return f"{item.id:06d}_{stem[:80]}"
+    return output_stem(item.id, item.file_name)
 
 
 class _Dataset(torch.utils.data.Dataset):
@@ -170,6 +175,7 @@ class Pipeline:
         self._backend = backend
         self._query_cache: dict[str, tuple[QuerySet, torch.Tensor, torch.Tensor | None]] = {}
         self._empty: torch.Tensor | None = None
+        self.stats: dict[str, int] = {}  # where candidates went, over the images processed (see Postprocessor)
         self.postprocessor = Postprocessor.from_config(config.postprocess)
         self.method = get_method(config.explainer.method)  # unknown method: error before any work
 
@@ -201,7 +207,8 @@ class Pipeline:
     def model(self) -> LoadedModel:
         if self._model is None:
             m = self.cfg.model
-            self._model = load_model(m.name, m.pretrained, device=m.device, precision=m.precision)
+            self._model = load_model(m.name, default_weights(m.name, m.pretrained), device=m.device,
+                                     precision=m.precision)
         return self._model
 
     @property
@@ -293,7 +300,7 @@ class Pipeline:
 
     def _finish(self, prep: Prepared, maps: ImageMaps, emb, qs: QuerySet, text, bg) -> ImageResult:
         pres = self.presence(emb[None], text, bg)[0]
-        dets = self.postprocessor(maps, qs.names, qs.categories.ids, pres)
+        dets = self.postprocessor(maps, qs.names, qs.categories.ids, pres, stats=self.stats)
         return ImageResult(dets, maps, qs.names, pres)
 
     def process(self, batch: list[Prepared], qs: QuerySet, text, bg) -> list[ImageResult | None]:
@@ -443,16 +450,18 @@ class Pipeline:
             categories = Categories.from_coco(gt.dataset["categories"])
             scanned = coco_inputs(gt, images_dir)
             input_desc: dict = {"coco_gt": str(Path(coco_gt).absolute()), "coco_gt_sha256": sha256_file(coco_gt),
-                                "images_dir": str(Path(images_dir).absolute())}
+                                "images_dir": str(Path(images_dir).absolute()),
+                                "image_root": str(Path(images_dir).absolute())}
         else:
             if not inputs:
                 raise InputError("no inputs: pass folders, image files or .txt lists, or --coco-gt with --images-dir")
             scanned, ignored = collect_inputs(list(inputs))
-            input_desc = {"paths": [str(Path(i).expanduser().absolute()) for i in inputs]}
+            input_desc = {"paths": [str(Path(i).expanduser().absolute()) for i in inputs],
+                          "image_root": str(input_root(scanned)) if scanned else None}
         if queries_file is not None:
             categories = load_categories(queries_file)
         qs, _, _ = self.queries(queries, categories)
-        if cfg.export.masks == "semantic":
+        if "masks-semantic" in cfg.export.all_formats:
             check_png_category_ids(qs.categories.ids)
         out_dir = ensure_writable_dir(out_dir)
         tag = "" if count == 1 else f".shard-{index}-of-{count}"
@@ -488,12 +497,16 @@ class Pipeline:
         batches = [items[k : k + B] for k in range(0, len(items), B)][index::count]
         done = _done_ids(records, retry_failed) if resume else set()
         todo = [b for b in batches if not all(it.id in done for it in b)]
-        names = {f"{safe_name(it)}{ext}" for b in batches for it in b for ext in (".npz", ".jpg", ".png")}
+        names = {f"{safe_name(it)}{ext}" for b in batches for it in b for ext in (".npz", ".jpg", ".png", ".json")}
         for sub in EXTRA_DIRS:  # temporary files a killed attempt of this shard left behind
             remove_stale_temps(out_dir / sub, names)
         remove_stale_temps(out_dir, {f"run{tag}.yaml", "predictions.json", "dataset.json"} if count == 1
                            else {f"run{tag}.yaml"})
+        if count == 1:  # the dataset formats, written by this run's finish only
+            for sub in ("masks", "yolo-seg", "yolo-det"):
+                remove_stale_temps(out_dir / sub, recursive=True)
         meta = self._provenance(cfg, qs, started, command, shard, inputs, coco_gt, images_dir)
+        meta["image_root"] = stored["inputs"].get("image_root")
         plan = RunPlan(out_dir, (index, count), records, out_dir / f"run{tag}.yaml", stored, qs, batches, todo,
                        meta, gt, ignored, retry_failed)
         write_yaml(plan.run_yaml, {**meta, "status": "running"})
@@ -527,6 +540,7 @@ class Pipeline:
         counts = {"images": sum(len(b) for b in plan.batches), "resumed_skipped": sum(len(b) for b in plan.batches)
                   - len(todo_items), "labelled": 0, "failed": 0, "detections": 0}
         qs, text, bg = self.queries(None, plan.queries.categories)
+        self.stats = {}
         from tqdm import tqdm
 
         progress = tqdm(total=len(todo_items), unit="img", disable=not cfg.run.progress, dynamic_ncols=True,
@@ -556,11 +570,12 @@ class Pipeline:
                               "the problem is fixed, rerun the same command with --resume") from None
         finally:
             progress.close()
+        counts["postprocess"] = dict(self.stats)
         return counts
 
     def _extra_dirs(self, out_dir: Path) -> list[Path]:
         exp = self.cfg.export
-        wanted = {"heatmaps": exp.heatmaps, "overlays": exp.overlays, "masks": exp.masks is not None}
+        wanted = {"heatmaps": exp.heatmaps, "overlays": exp.overlays}
         return [out_dir / d for d, on in wanted.items() if on and (out_dir / d).is_dir()]
 
     def finish(self, plan: RunPlan, counts: dict) -> dict:
@@ -572,14 +587,16 @@ class Pipeline:
                    "ignored_non_images": plan.ignored}
         if plan.shard[1] == 1:
             try:
-                merged = finalize([plan.records], plan.out_dir, plan.queries.categories, gt=plan.gt,
-                                  segmentation=cfg.export.segmentation,
-                                  info={"description": "ovlabel pseudo-labels", "version": __version__})
+                merged = write_dataset([plan.records], plan.out_dir, plan.queries.categories,
+                                       export_cfg=cfg.export.model_dump(), gt=plan.gt,
+                                       image_root=plan.manifest["inputs"].get("image_root"),
+                                       image_paths={it.id: it.path for it in run_manifest.items(plan.manifest)})
             except OutputError as e:
                 raise OutputError(f"{e}\nAll images are labelled (records kept); once the problem is fixed, rerun the "
                                   "same command with --resume to write the merged files") from None
             summary["outputs"] = {"predictions": "predictions.json", "dataset": "dataset.json",
-                                  "annotations": merged["annotations"], "images": merged["images"]}
+                                  "annotations": merged["annotations"], "images": merged["images"],
+                                  "formats": merged["formats"]}
         write_yaml(plan.run_yaml, summary)
         return summary
 
@@ -589,11 +606,10 @@ class Pipeline:
         if exp.heatmaps:
             save_heatmaps(out_dir / "heatmaps" / f"{name}.npz", res.maps, res.queries, prep.item.id,
                           prep.item.file_name, presence=res.presence, durable=False)
-        if exp.masks:
-            write_label_png(out_dir / "masks" / f"{name}.png", res.detections, exp.masks, durable=False)
         if exp.overlays and prep.image is not None:
             save_image_atomic(out_dir / "overlays" / f"{name}.jpg",
-                              draw_overlay(prep.image, res.detections, res.maps, res.queries), durable=False)
+                              draw_overlay(prep.image, res.detections, res.maps, res.queries, res.presence),
+                              durable=False)
 
     def _provenance(self, cfg: Config, qs: QuerySet, started, command, shard, inputs, coco_gt, images_dir) -> dict:
         import open_clip
@@ -608,6 +624,7 @@ class Pipeline:
             "command": command if command is not None else " ".join(sys.argv),
             "start_time": started,
             "shard": f"{shard[0]}/{shard[1]}",
+            "image_root": None,
             "inputs": [str(i) for i in inputs] if inputs else {"coco_gt": str(coco_gt), "images_dir": str(images_dir)},
             "model": self.backend.describe(),
             "explainer": {"method": cfg.explainer.method, "layers": self.layers(),

@@ -139,9 +139,13 @@ class Postprocessor:
         labels: Sequence[str],
         category_ids: Sequence[int],
         presence: Sequence[float] | np.ndarray | None = None,
+        *,
+        stats: dict | None = None,
     ) -> Detections:
         """The maps of one image — ``ImageMaps`` or a ``[K,H,W]`` array (normalised or raw) — → its
-        detections, best first."""
+        detections, best first. ``stats`` (a dict) counts where candidates went: ``queries``, ``absent``
+        (below the presence threshold), ``no_region`` (nothing above the threshold and minimum area),
+        ``candidates``, ``below_score``."""
         maps = as_image_maps(heatmaps)
         K = len(maps)
         H, W = maps.size
@@ -160,6 +164,7 @@ class Postprocessor:
         worst: tuple[float, int] | None = None  # (score, position in `kept`) of the candidate to evict
         n = 0
         active = [k for k in range(K) if pres[k] >= self.presence_threshold]
+        tally = {"queries": K, "absent": K - len(active), "no_region": 0, "candidates": 0, "below_score": 0}
         for k in active:
             if not maps.finite(k):
                 raise InputError(f"heatmaps [{k}] contain NaN or infinite values")
@@ -172,10 +177,13 @@ class Postprocessor:
             return found, found.mean(h)
 
         for k, (found, means) in _in_order(instances, active, threads=self.threads if H * W >= 2**20 else 1):
+            tally["no_region"] += len(means) == 0
+            tally["candidates"] += len(means)
             for j, ev in enumerate(means):
                 score = combine(float(pres[k]), float(ev))
                 n += 1
                 if score < self.score_threshold:
+                    tally["below_score"] += 1
                     continue
                 if cap is not None and len(kept) >= cap:
                     if cap == 0 or score <= worst[0]:
@@ -187,6 +195,9 @@ class Postprocessor:
                     pos = min(range(len(kept)), key=lambda i: (kept[i][0], -kept[i][1]))
                     worst = (kept[pos][0], pos)
             del found
+        if stats is not None:
+            for key, v in tally.items():
+                stats[key] = stats.get(key, 0) + int(v)
         if not kept:
             return Detections.empty(H, W)
         kept.sort(key=lambda c: (-c[0], c[1]))

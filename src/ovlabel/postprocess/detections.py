@@ -57,10 +57,16 @@ def _vector(name: str, value, n: int, dtype=np.float64) -> np.ndarray:
 
 
 class Detections:
-    """The detections of one image (see the module docstring).
+    """The detections of one image: masks (the source of truth), boxes, scores, category ids, labels.
+
+    Boxes are COCO's **XYWH** in pixels: ``(x, y)`` the top-left corner of the top-left pixel, ``w``/``h``
+    the number of pixels, so the box ends at ``x + w`` (exclusive) — ``pycocotools.mask.toBbox`` of the
+    mask. :meth:`to_supervision` gives supervision's ``xyxy`` (``x + w``, ``y + h``).
 
     ``Detections(masks, scores, category_ids, labels)`` takes dense boolean masks ``[N,H,W]``;
-    :meth:`from_rles` takes compressed RLEs and the image size.
+    :meth:`from_rles` compressed RLEs and the image size; :meth:`from_coco_results` the COCO results of one
+    image (``predictions.json`` entries). Masks are kept as RLE; ``masks`` decodes them all, ``mask(i)``
+    one.
     """
 
     __slots__ = ("_rles", "image_size", "scores", "category_ids", "labels", "boxes", "areas", "presence",
@@ -188,6 +194,44 @@ class Detections:
 
     def top(self, k: int) -> Detections:
         return self.sorted().select(slice(0, max(0, int(k))))
+
+    @classmethod
+    def from_coco_results(cls, results: Sequence[dict], image_size: tuple[int, int],
+                          names: dict[int, str] | None = None) -> Detections:
+        """The detections of one image from COCO results entries (``predictions.json``): each needs a
+        ``segmentation`` (RLE or polygons), a ``category_id`` and a ``score``; labels come from ``names``
+        (category id → name), else from a ``label`` field, else the id."""
+        from pycocotools import mask as mask_utils
+
+        H, W = (int(v) for v in image_size)
+        rles = []
+        for i, r in enumerate(results):
+            seg = r.get("segmentation")
+            if seg is None:
+                raise InputError(f"result {i} has no 'segmentation'; Detections hold masks (box-only results "
+                                 "cannot be read)")
+            if isinstance(seg, list):
+                rles.append(mask_utils.merge(mask_utils.frPyObjects(seg, H, W)))
+            elif isinstance(seg.get("counts"), list):
+                rles.append(mask_utils.frPyObjects(seg, H, W))
+            else:
+                rles.append(seg)
+        cats = [int(r["category_id"]) for r in results]
+        labels = [names[c] if names and c in names else str(r.get("label", c)) for c, r in zip(cats, results)]
+        return cls.from_rles(rles, (H, W), [float(r["score"]) for r in results], cats, labels)
+
+    def to_supervision(self):
+        """A ``supervision.Detections``: ``xyxy`` boxes (``x + w``, ``y + h``), the masks, ``confidence`` =
+        scores, ``class_id`` = category ids, ``data["class_name"]`` = labels. Needs ``pip install supervision``."""
+        try:
+            import supervision as sv
+        except ImportError:
+            raise ImportError("Detections.to_supervision needs supervision: pip install supervision") from None
+        xyxy = self.boxes.copy()
+        xyxy[:, 2:] += xyxy[:, :2]
+        return sv.Detections(xyxy=xyxy.astype(np.float32), mask=self.masks if len(self) else None,
+                             confidence=self.scores.astype(np.float32), class_id=self.category_ids.astype(int),
+                             data={"class_name": np.array(self.labels, dtype=object)} if len(self) else {})
 
     def rles(self) -> list[dict]:
         """Compressed RLEs with ``counts`` as ``str`` (JSON-ready)."""
