@@ -117,6 +117,7 @@ def _queries(args: argparse.Namespace) -> list[str] | None:
 def _label_overrides(args: argparse.Namespace) -> list[str]:
     sets = list(args.set)
     pairs = [("model.name", args.model), ("model.pretrained", args.pretrained), ("model.device", args.device),
+             ("model.backend", args.backend), ("model.onnx_dir", args.onnx_dir),
              ("model.precision", args.precision), ("explainer.method", args.method), ("explainer.layers", args.layers),
              ("preprocess.size", args.size), ("run.batch_size", args.batch_size), ("run.workers", args.workers)]
     for key, value in pairs:
@@ -191,6 +192,33 @@ def _set_threads(n: int) -> None:
 
     torch.set_num_threads(n)
     cv2.setNumThreads(n)
+
+
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .export.onnx import export_onnx
+
+    sets = list(args.set)
+    if args.model:
+        sets.append(f"model.name={args.model}")
+    if args.pretrained:
+        sets.append(f"model.pretrained={args.pretrained}")
+    cfg = load_config(args.config, sets)
+    if args.threads is not None:
+        _set_threads(args.threads)
+    layers = None
+    if args.layers is not None:
+        import yaml
+
+        layers = yaml.safe_load(args.layers)
+    r = export_onnx(cfg.model.name, cfg.model.pretrained, args.out, methods=args.method or None, layers=layers,
+                    size=args.size, dynamic_size=args.dynamic_size, opset=args.opset, fp16=args.fp16, config=cfg)
+    print(f"exported {', '.join(r.files)} and model.json -> {args.out}")
+    for key, vals in r.parity.get("explainers", {}).items():
+        worst = max(v["max_abs_maps"] for v in vals.values())
+        print(f"  parity {key}: maps max |Δ| {worst:.1e} (limit {r.parity['tolerance']['maps']:.0e}), embeddings "
+              f"cosine >= {min(v['min_cosine'] for v in vals.values()):.6f}")
+    return 0
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -336,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--method", help="explainer, see `ovlabel methods` {config: explainer.method}")
     m.add_argument("--layers", help="all | -n | [i,j] {config: explainer.layers}")
     m.add_argument("--size", type=int, help="input size (longest side) {config: preprocess.size}")
+    m.add_argument("--backend", choices=["torch", "onnx"], help="onnx: run the graphs of --onnx-dir in "
+                   "onnxruntime {config: model.backend}")
+    m.add_argument("--onnx-dir", help="a folder made by `ovlabel export-onnx` {config: model.onnx_dir}")
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=int, help="{config: run.batch_size}")
     r.add_argument("--workers", type=int, help="image-decoding worker processes {config: run.workers}")
@@ -354,6 +385,25 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--overlays", action="store_true", help="write overlays/*.jpg")
     _export_options(o)
     p.set_defaults(func=_cmd_label)
+
+    p = add("export-onnx", "export the image encoder, the explainers' map graphs and the text encoder to ONNX, "
+            "checked against PyTorch")
+    p.add_argument("--out", required=True, help="output folder (graphs and model.json)")
+    p.add_argument("--model", help="open_clip model name, a model-config .json, or ovlabel-shapes {config: model.name}")
+    p.add_argument("--pretrained", help="open_clip tag or checkpoint file {config: model.pretrained}")
+    p.add_argument("--config", help="a YAML file or a shipped preset name (default: default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--size", type=int, help="input size of the graphs {config: preprocess.size}")
+    p.add_argument("--dynamic-size", action="store_true", help="any input height and width (a multiple of the "
+                   "patch size), positional embeddings resampled in the graph")
+    p.add_argument("--layers", help="blocks of the explainers: all | -n | [i,j] {config: explainer.layers}")
+    p.add_argument("--method", action="append", help="explainer to export (repeatable): legrad, chefercam, gradcam, "
+                   "raw_attention, rollout {config: explainer.method}")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    p.add_argument("--fp16", action="store_true", help="half-precision graphs (for GPUs; parity checked with the "
+                   "fp16 tolerances)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.set_defaults(func=_cmd_export_onnx)
 
     p = add("merge", "merge the shards of a run into one set of files")
     p.add_argument("runs", nargs="+", help="run folders (each with records/ and run*.yaml)")

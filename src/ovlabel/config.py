@@ -40,6 +40,15 @@ class ModelConfig(_Section):
     pretrained: str | None = "laion2b_s34b_b88k"  # a tag, a checkpoint path, or "none" (random init)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    backend: Literal["torch", "onnx"] = "torch"  # onnx: onnxruntime runs the graphs in onnx_dir
+    onnx_dir: str | None = None  # an `ovlabel export-onnx` folder
+
+    @model_validator(mode="after")
+    def _onnx_dir(self):
+        if self.backend == "onnx" and not self.onnx_dir:
+            raise ValueError("backend 'onnx' needs model.onnx_dir (--onnx-dir DIR), a folder made by "
+                             "ovlabel export-onnx")
+        return self
 
 
 class ExplainerConfig(_Section):

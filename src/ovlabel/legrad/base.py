@@ -140,10 +140,18 @@ def query_chunk_size(per_query_elements: int, chunk_size: int | None, device: to
     return max(1, budget // max(1, per_query_elements))
 
 
+def exporting() -> bool:
+    """Whether the code runs under ``torch.export`` (the ONNX export): then shapes are symbolic, so
+    queries go in one chunk and no branch may depend on a size."""
+    return bool(torch.compiler.is_exporting())
+
+
 def query_chunks(num_queries: int, per_query_elements: int, chunk_size: int | None,
                  device: torch.device) -> list[slice]:
-    """The query slices processed together (results never depend on them)."""
+    """The query slices processed together (results never depend on them); one slice when exporting."""
     n = query_chunk_size(per_query_elements, chunk_size, device)
+    if exporting():
+        return [slice(None)]
     return [slice(k0, min(num_queries, k0 + n)) for k0 in range(0, num_queries, n)]
 
 
@@ -201,6 +209,6 @@ def finalize_maps(grid_maps: Tensor, patch_size: tuple[int, int], num_queries: i
                         align_corners=False)
     if normalize:
         out = minmax_maps(out)
-    if K == 1 and num_queries > 1:
+    if K == 1:  # text-independent maps: the same map for every query (a no-op for one query)
         out = out.expand(B, num_queries, *out.shape[-2:])
     return out.to(torch.float32).contiguous()

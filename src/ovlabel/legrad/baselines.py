@@ -93,6 +93,15 @@ def readout_row(tower: Tower, batch: int, tokens: int) -> Tensor:
     return v
 
 
+def readout_rows(tower: Tower, tokens: int, device: torch.device) -> Tensor:
+    """The token rows the head of a CLS tower reads (those where :func:`readout_row` is non-zero), from
+    the head's structure: the CLS token, or the averaged tokens."""
+    pooling = next(op for op in tower.head if isinstance(op, (SelectToken, MeanTokens)))
+    if isinstance(pooling, SelectToken):
+        return torch.tensor([pooling.index % tokens], device=device)
+    return torch.arange(pooling.start, tokens, device=device)
+
+
 def readout(tower: Tower, rec: AttentionRecord, pool_row: Tensor | None = None) -> Tensor:
     """Initial readout vector over all ``T`` tokens: :func:`readout_row` for CLS towers; for an
     attention pooler its row ``pool_row`` (``[..., B, Tk]``) placed on the tokens it attends to."""
@@ -153,7 +162,7 @@ def last_block_readout(model, tower: Tower, images: Tensor, text: Tensor, chunk_
         f, head_cache = run_forward(tower.head, z)
         B, T, _ = z.shape
         r = readout_row(tower, B, T)
-        rows = torch.nonzero(r[0]).flatten()
+        rows = readout_rows(tower, T, r.device)
         _, mlp_rows = blk.mlp.forward(cache.x_mid[:, rows])  # caches of the rows that matter
         v_t = cache.v.transpose(-1, -2).unsqueeze(1)  # [B,1,H,d,T]
         scale = logit_scale(model, f.dtype)

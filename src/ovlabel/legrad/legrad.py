@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import accumulation_dtype, query_chunks
+from .base import accumulation_dtype, exporting, query_chunks
 from .ops import cosine_grad, run_backward, run_forward
 from .towers import Block, BlockCache, Tower, block_forward
 
@@ -67,8 +67,8 @@ def legrad_grid_maps(
     CPU and batched elsewhere. Both give the same maps. When ``final_tokens`` is a list and the last
     block was run, the final tokens are appended to it (the image embedding comes for free).
     """
-    if batched is None:
-        batched = images.device.type != "cpu"
+    if batched is None:  # the looped form is CPU-only and has Python loops over queries: not for export
+        batched = images.device.type != "cpu" or exporting()
     with torch.no_grad():
         x, grid = tower.embed(images)
         B = x.shape[0]

@@ -159,7 +159,11 @@ class Tower:
         timm's ``resample_abs_pos_embed`` use — computed on a new tensor; the model is never touched.
         """
         pos = self.pos_embed
-        if pos is None or tuple(grid) == tuple(self.native_grid):
+        if pos is None:
+            return pos
+        # (exported graphs always resample — an identity at the native grid — so that no branch depends on
+        # a symbolic size)
+        if not torch.compiler.is_exporting() and tuple(grid) == tuple(self.native_grid):
             return pos
         n_prefix = self.num_prefix if self.pos_covers_prefix else 0
         head, body = pos[:n_prefix], pos[n_prefix:]

@@ -180,10 +180,16 @@ class Pipeline:
         self.method = get_method(config.explainer.method)  # unknown method: error before any work
 
     @classmethod
-    def from_config(cls, source: str | Path | dict | Config | None = None, **overrides: Any) -> Pipeline:
+    def from_config(cls, source: str | Path | dict | Config | None = None, *, backend: str | None = None,
+                    onnx_dir: str | Path | None = None, **overrides: Any) -> Pipeline:
         """``source``: a preset name, a YAML path, a dict or a :class:`Config`. ``overrides``: dotted keys
         (``**{"model.name": "ViT-B-16"}``, or ``model__name=...``) or whole sections as dicts
-        (``postprocess={"threshold": {"method": "otsu"}}``)."""
+        (``postprocess={"threshold": {"method": "otsu"}}``). ``backend="onnx"`` with ``onnx_dir`` runs the
+        graphs of an ``ovlabel export-onnx`` folder in onnxruntime."""
+        if backend is not None:
+            overrides["model.backend"] = backend
+        if onnx_dir is not None:
+            overrides["model.onnx_dir"] = str(onnx_dir)
         dotted = {}
         sections = {}
         for k, v in overrides.items():
@@ -214,7 +220,12 @@ class Pipeline:
     @property
     def backend(self) -> Backend:
         if self._backend is None:
-            self._backend = TorchBackend(self.model, self.cfg.explainer)
+            if self.cfg.model.backend == "onnx":
+                from .onnx_backend import OnnxBackend
+
+                self._backend = OnnxBackend(self.cfg.model.onnx_dir, self.cfg)
+            else:
+                self._backend = TorchBackend(self.model, self.cfg.explainer)
         return self._backend
 
     @property
@@ -515,7 +526,7 @@ class Pipeline:
     def settings(self, qs: QuerySet) -> dict:
         """Everything that changes a run's results, as recorded in its manifest."""
         cfg, be = self.cfg, self.backend
-        model = {k: v for k, v in be.describe().items() if k not in ("device", "mean", "std", "checkpoint")}
+        model = {k: v for k, v in be.describe().items() if k not in ("device", "mean", "std", "checkpoint", "onnx_dir")}
         norm = self.normalization
         return {
             "model": model,
