@@ -17,7 +17,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import run_isolated, timeit
+from common import build_model, run_isolated, timeit
 
 
 def worker(spec: dict) -> dict:
@@ -29,7 +29,6 @@ def worker(spec: dict) -> dict:
 
     from ovlabel import compute_maps
     from ovlabel.export.onnx import export_onnx
-    from ovlabel.pipeline.models import load_model
     from ovlabel.pipeline.onnx_backend import session
 
     logging.getLogger().setLevel(logging.ERROR)
@@ -37,7 +36,7 @@ def worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     r = export_onnx("ViT-B-16", "none", out, size=size)
     export_s = time.perf_counter() - t0
-    model = load_model("ViT-B-16", "none", device="cpu").model
+    model = build_model("ViT-B-16", size)  # PyTorch at its native size: encode_image works as is
     x = torch.randn(1, 3, size, size)
     enc = session(out / "image_encoder.onnx", "cpu")
     expl = session(out / "explainer-legrad.onnx", "cpu")

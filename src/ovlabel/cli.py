@@ -221,6 +221,33 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from .evaluation import benchmarks as b
+
+    if args.threads is not None:
+        _set_threads(args.threads)
+    ex = b.Explainer.load(args.model, args.pretrained, args.methods, device=args.device, templates=args.templates)
+    common = dict(size=args.size, max_images=args.max_images, resume=args.resume, progress=not args.no_progress,
+                  command=shlex.join(["ovlabel", *(args.argv or [])]))
+    if args.benchmark == "imagenet-seg":
+        labels = None
+        if args.labels:
+            from .export.categories import load_categories
+
+            labels = list(load_categories(args.labels).names)
+        r = b.imagenet_segmentation(args.mat, args.out, ex, labels=labels, **common)
+    elif args.benchmark == "openimages-points":
+        r = b.openimages_points(args.points, args.classes, args.images, args.out, ex, **common)
+    else:
+        r = b.perturbation(args.imagenet_val, args.out, ex, devkit=args.devkit, target=args.target, **common)
+    print(r["table"])
+    print(f"\npublished: {r['published']}")
+    if r["failures"]:
+        print(f"{len(r['failures'])} sample(s) failed (listed in {Path(args.out) / 'results.json'})")
+    print(f"results: {Path(args.out) / 'results.json'}")
+    return 0
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .pipeline.merge import merge_runs
 
@@ -404,6 +431,40 @@ def build_parser() -> argparse.ArgumentParser:
                    "fp16 tolerances)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.set_defaults(func=_cmd_export_onnx)
+
+    p = add("benchmark", "the papers' benchmarks from their real files, for every explainer")
+    bsub = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+
+    def bench(name: str, help: str) -> argparse.ArgumentParser:
+        q = bsub.add_parser(name, help=help, description=help, parents=[common], formatter_class=_Formatter)
+        q.add_argument("--out", required=True, help="output folder (records.jsonl, results.json)")
+        q.add_argument("--model", default="ViT-B-16", help="open_clip model name or model-config .json")
+        q.add_argument("--pretrained", default="laion2b_s34b_b88k", help="open_clip tag or checkpoint file")
+        q.add_argument("--methods", nargs="+", default=["legrad", "chefercam", "gradcam", "rollout", "raw_attention"],
+                       help="explainers to compare (see `ovlabel methods`)")
+        q.add_argument("--size", type=int, default=224, help="input size")
+        q.add_argument("--templates", choices=["imagenet", "single"], default="imagenet",
+                       help="prompts per class name for the zero-shot classes: CLIP's 80, or 'a photo of a {}.'")
+        q.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+        q.add_argument("--max-images", type=int, help="stop after this many images (default: all)")
+        q.add_argument("--resume", action="store_true", help="continue an interrupted run")
+        q.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+        q.add_argument("--no-progress", action="store_true", help="no progress bar")
+        q.set_defaults(func=_cmd_benchmark)
+        return q
+
+    q = bench("imagenet-seg", "ImageNet-Segmentation (gtsegs_ijcv.mat): pixel accuracy, FG/BG mIoU, mAP")
+    q.add_argument("--mat", required=True, help="gtsegs_ijcv.mat (MATLAB v7.3 / HDF5)")
+    q.add_argument("--labels", help="class names to choose the zero-shot class from (.txt or .json; default: "
+                   "the ImageNet-1k classes)")
+    q = bench("openimages-points", "OpenImages V7 point labels: p-mIoU")
+    q.add_argument("--points", required=True, help="oidv7-*-annotations-point-labels.csv")
+    q.add_argument("--classes", required=True, help="oidv7-class-descriptions.csv")
+    q.add_argument("--images", required=True, help="the folder of <ImageId>.jpg")
+    q = bench("perturbation", "ImageNet validation: positive and negative perturbation AUC")
+    q.add_argument("--imagenet-val", required=True, help="class folders (n01440764/…) or ILSVRC2012_val_*.JPEG")
+    q.add_argument("--devkit", help="ILSVRC2012_devkit_t12, for a flat validation folder")
+    q.add_argument("--target", choices=["predicted", "true"], default="predicted", help="the class explained")
 
     p = add("merge", "merge the shards of a run into one set of files")
     p.add_argument("runs", nargs="+", help="run folders (each with records/ and run*.yaml)")

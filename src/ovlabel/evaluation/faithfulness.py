@@ -164,10 +164,11 @@ def clip_score_fn(model, text_embeddings: Tensor, targets: Sequence[int] | Tenso
     text = F.normalize(text_embeddings, dim=-1)
     target = torch.as_tensor(targets, dtype=torch.long, device=text.device).reshape(-1)
 
+    from ..legrad.base import image_text_logits
+
     @torch.no_grad()
     def score(images: Tensor) -> Tensor:
-        e = F.normalize(model.encode_image(images.to(text.dtype)), dim=-1)
-        logits = e @ text.T * model.logit_scale.exp()
+        logits = image_text_logits(model, model.encode_image(images.to(text.dtype)), text)
         idx = target.expand(images.shape[0]) if target.numel() == 1 else target
         if kind == "logit":
             return logits.gather(1, idx[:, None])[:, 0]

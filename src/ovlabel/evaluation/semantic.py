@@ -39,6 +39,24 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+def fgbg_image_stats(heat: np.ndarray, mask: np.ndarray, threshold: str | float = "mean") -> dict:
+    """One image's FG/BG counts: correct pixels, pixels, intersection and union of background and
+    foreground, and the average precision of the map against the mask (``None`` without foreground)."""
+    heat = np.asarray(heat, dtype=np.float64)
+    mask = np.asarray(mask).astype(bool)
+    if heat.shape != mask.shape:
+        raise InputError(f"map {heat.shape} and mask {mask.shape} must have the same shape")
+    t = heat.mean() if threshold == "mean" else float(threshold)
+    pred = heat > t
+    inter, union = [], []
+    for p, g in ((~pred, ~mask), (pred, mask)):
+        inter.append(int(np.logical_and(p, g).sum()))
+        union.append(int(np.logical_or(p, g).sum()))
+    ap = average_precision(heat, mask)
+    return {"correct": int((pred == mask).sum()), "total": int(mask.size), "inter": inter, "union": union,
+            "ap": None if np.isnan(ap) else ap}
+
+
 class FgBgMetrics:
     """Accumulates FG/BG pixel accuracy, mIoU and mAP over a dataset of (map, mask) pairs."""
 
@@ -53,20 +71,16 @@ class FgBgMetrics:
         self.aps: list[float] = []
 
     def update(self, heat: np.ndarray, mask: np.ndarray) -> None:
-        heat = np.asarray(heat, dtype=np.float64)
-        mask = np.asarray(mask).astype(bool)
-        if heat.shape != mask.shape:
-            raise InputError(f"map {heat.shape} and mask {mask.shape} must have the same shape")
-        t = heat.mean() if self.threshold == "mean" else float(self.threshold)
-        pred = heat > t
-        self.correct += int((pred == mask).sum())
-        self.total += mask.size
-        for c, (p, g) in enumerate(((~pred, ~mask), (pred, mask))):
-            self.inter[c] += np.logical_and(p, g).sum()
-            self.union[c] += np.logical_or(p, g).sum()
-        ap = average_precision(heat, mask)
-        if not np.isnan(ap):
-            self.aps.append(ap)
+        self.add(fgbg_image_stats(heat, mask, self.threshold))
+
+    def add(self, stats: dict) -> None:
+        """Accumulate one image's :func:`fgbg_image_stats` (for runs that store them and resume)."""
+        self.correct += int(stats["correct"])
+        self.total += int(stats["total"])
+        self.inter += np.asarray(stats["inter"], dtype=np.float64)
+        self.union += np.asarray(stats["union"], dtype=np.float64)
+        if stats["ap"] is not None and not np.isnan(stats["ap"]):
+            self.aps.append(float(stats["ap"]))
 
     def result(self) -> dict[str, float]:
         iou = np.divide(self.inter, self.union, out=np.zeros(2), where=self.union > 0)
@@ -80,6 +94,22 @@ class FgBgMetrics:
         }
 
 
+def point_counts(heat: np.ndarray, points: Sequence[Sequence[float]], labels: Sequence[bool],
+                 threshold: float = 0.5) -> dict:
+    """A map read at labelled points ``(x, y)`` (pixels; the pixel holding the point): true/false
+    positives and negatives of ``map > threshold`` against the labels."""
+    heat = np.asarray(heat)
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    lab = np.asarray(labels).astype(bool).reshape(-1)
+    if pts.shape[0] != lab.shape[0]:
+        raise InputError(f"{pts.shape[0]} points but {lab.shape[0]} labels")
+    x = np.clip(np.floor(pts[:, 0]).astype(int), 0, heat.shape[1] - 1)
+    y = np.clip(np.floor(pts[:, 1]).astype(int), 0, heat.shape[0] - 1)
+    pred = heat[y, x] > threshold
+    return {"tp": int((pred & lab).sum()), "fp": int((pred & ~lab).sum()), "fn": int((~pred & lab).sum()),
+            "tn": int((~pred & ~lab).sum())}
+
+
 class PointMIoU:
     """p-mIoU: maps read at labelled points. ``update(map, points, labels)`` with ``points`` ``[N,2]``
     as (x, y) pixel coordinates and ``labels`` ``[N]`` booleans (True = the class is there)."""
@@ -89,18 +119,12 @@ class PointMIoU:
         self.tp = self.fp = self.fn = self.tn = 0
 
     def update(self, heat: np.ndarray, points: Sequence[Sequence[float]], labels: Sequence[bool]) -> None:
-        heat = np.asarray(heat)
-        pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-        lab = np.asarray(labels).astype(bool).reshape(-1)
-        if pts.shape[0] != lab.shape[0]:
-            raise InputError(f"{pts.shape[0]} points but {lab.shape[0]} labels")
-        x = np.clip(np.floor(pts[:, 0]).astype(int), 0, heat.shape[1] - 1)
-        y = np.clip(np.floor(pts[:, 1]).astype(int), 0, heat.shape[0] - 1)
-        pred = heat[y, x] > self.threshold
-        self.tp += int((pred & lab).sum())
-        self.fp += int((pred & ~lab).sum())
-        self.fn += int((~pred & lab).sum())
-        self.tn += int((~pred & ~lab).sum())
+        self.add(point_counts(heat, points, labels, self.threshold))
+
+    def add(self, counts: dict) -> None:
+        """Accumulate one map's :func:`point_counts`."""
+        for k in ("tp", "fp", "fn", "tn"):
+            setattr(self, k, getattr(self, k) + int(counts[k]))
 
     def result(self) -> dict[str, float]:
         fg = self.tp / max(1, self.tp + self.fp + self.fn)

@@ -102,9 +102,9 @@ class RecordWriter:
         self.close()
 
 
-def read_records(paths: Iterable[str | Path]) -> Iterator[dict]:
-    """Records of the given files in order; a malformed line is tolerated only as a file's last line
-    (a write cut short by a kill)."""
+def read_jsonl(paths: Iterable[str | Path], what: str = "record") -> Iterator[dict]:
+    """JSON objects, one per line, of the given files in order; a malformed line is tolerated only as a
+    file's last line (a write cut short by a kill)."""
     for path in paths:
         path = Path(path)
         if not path.exists():
@@ -119,9 +119,17 @@ def read_records(paths: Iterable[str | Path]) -> Iterator[dict]:
                 if i == len(lines) - 1:
                     break
                 raise CocoFormatError(f"{path}: line {i + 1} is not valid JSON (the file is corrupt)") from None
-            if not isinstance(rec, dict) or "image" not in rec:
-                raise CocoFormatError(f"{path}: line {i + 1} is not an ovlabel record")
+            if not isinstance(rec, dict):
+                raise CocoFormatError(f"{path}: line {i + 1} is not a {what}")
             yield rec
+
+
+def read_records(paths: Iterable[str | Path]) -> Iterator[dict]:
+    """The per-image records of the given files in order (see :func:`read_jsonl`)."""
+    for rec in read_jsonl(paths, "an ovlabel record"):
+        if "image" not in rec:
+            raise CocoFormatError("a line of the records is not an ovlabel record (it has no 'image')")
+        yield rec
 
 
 def done_image_ids(paths: Iterable[str | Path]) -> set[int]:

@@ -19,6 +19,8 @@ Memory for ``G`` is ``chunk·B·H·T²`` per block; queries are processed in chu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .base import accumulation_dtype, exporting, query_chunks
@@ -33,9 +35,17 @@ def relu_column_sums(g_ctx: Tensor, v: Tensor, *, batched: bool) -> Tensor:
     ``g_ctx``: ``[B,k,H,T,d]``; ``v``: ``[B,H,T,d]``. ``G`` is ``k·H·T²`` values. The batched form
     materialises it in one matmul (best on GPUs); the looped form computes one ``T×T`` slice at a time,
     transposed so the reduction runs along contiguous memory, and reduces it while it is still in the
-    CPU cache — about 4× faster than the batched form on CPUs and ``H·k`` times less memory.
+    CPU cache — about 4× faster than the batched form on CPUs and ``H·k`` times less memory. Exported
+    graphs (dynamic ``k``: no loop over queries) take one head at a time, transposed likewise: ~1.7×
+    faster than the batched form in onnxruntime on CPUs and ``H`` times less memory.
     """
     acc = accumulation_dtype(g_ctx.dtype)
+    if batched and exporting():
+        out = 0
+        for h in range(g_ctx.shape[2]):  # the number of heads is fixed by the weights
+            g_t = v[:, h].unsqueeze(1) @ g_ctx[:, :, h].transpose(-1, -2)  # [B,k,Tj,Ti] = G[i,j]
+            out = out + g_t.clamp(min=0).sum(dim=3, dtype=acc)
+        return out
     if batched:
         grad_attn = g_ctx @ v.transpose(-1, -2).unsqueeze(1)
         return grad_attn.clamp_(min=0).sum(dim=(2, 3), dtype=acc)
@@ -83,6 +93,44 @@ def legrad_grid_maps(
         if final_tokens is not None and max(layers) == len(tower.blocks) - 1:
             final_tokens.append(x)
         return acc.reshape(B, K, *grid)
+
+
+@dataclass
+class LegradState:
+    """What LeGrad keeps from a forward pass to explain queries chosen afterwards: the selected blocks'
+    caches and outputs, the token grid, and the final tokens (the image embedding's input)."""
+
+    grid: tuple[int, int]
+    blocks: list[tuple[Block, BlockCache, Tensor]]
+    tokens: Tensor
+
+
+def legrad_forward(tower: Tower, images: Tensor, layers: list[int]) -> LegradState:
+    """The whole forward pass, keeping what :func:`legrad_maps` needs for ``layers``: so that a target
+    chosen from the image embedding (the zero-shot top-1 class) is explained without a second pass."""
+    with torch.no_grad():
+        x, grid = tower.embed(images)
+        kept = []
+        for i, blk in enumerate(tower.blocks):
+            z, cache = block_forward(blk, x)
+            if i in layers:
+                kept.append((blk, cache, z))
+            x = z
+        return LegradState(grid, kept, x)
+
+
+def legrad_maps(tower: Tower, state: LegradState, text: Tensor, *, chunk_size: int | None = None,
+                batched: bool | None = None) -> Tensor:
+    """:func:`legrad_grid_maps` from a :func:`legrad_forward` state → ``[B, K, gh, gw]``."""
+    z0 = state.tokens
+    if batched is None:
+        batched = z0.device.type != "cpu" or exporting()
+    with torch.no_grad():
+        acc = z0.new_zeros(z0.shape[0], text.shape[0], state.grid[0] * state.grid[1],
+                           dtype=accumulation_dtype(z0.dtype))
+        for blk, cache, z in state.blocks:
+            acc += _layer_map(tower, blk, cache, z, text, chunk_size, batched)
+        return acc.reshape(z0.shape[0], text.shape[0], *state.grid)
 
 
 def _layer_map(tower: Tower, blk: Block, cache: BlockCache, z: Tensor, text: Tensor,
