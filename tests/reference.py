@@ -146,9 +146,19 @@ def patch_size(model):
 
 
 # ---------------------------------------------------------------------------------------------- LeGrad
-def legrad(model, images, text, layers):
-    """LeGrad by its definition, one autograd call per (layer, query)."""
+def legrad(model, images, text, layers, background=None, mode="max"):
+    """LeGrad by its definition, one autograd call per (layer, query). With ``background`` prompts the
+    score is ``t_k·e − agg_b(t_b·e)`` (agg: mean or max over the prompts)."""
     text = F.normalize(text, dim=-1)
+    bg = None if background is None else F.normalize(background, dim=-1)
+
+    def score(e, k):
+        s = e @ text[k]
+        if bg is not None:
+            sb = e @ bg.T  # [B,M]
+            s = s - (sb.mean(1) if mode == "mean" else sb.max(1).values)
+        return s.sum()
+
     x, P, grid = tokens_in(model, images)
     B, K = images.shape[0], text.shape[0]
     total = torch.zeros(B, K, grid[0] * grid[1], dtype=images.dtype)
@@ -160,7 +170,7 @@ def legrad(model, images, text, layers):
                 f, Ap = pooler_explicit(model, z)
                 e = F.normalize(f, dim=-1)
                 for k in range(K):
-                    s = (e @ text[k]).sum()
+                    s = score(e, k)
                     g = torch.autograd.grad(s, Ap, retain_graph=True)[0]  # [B,H,Q,N]
                     m = g[:, :, 0, :].clamp(min=0).mean(1)
                     total[:, k] += m[:, m.shape[-1] - grid[0] * grid[1]:]
@@ -169,7 +179,7 @@ def legrad(model, images, text, layers):
                 u = z.mean(1)
                 e = F.normalize(v.ln_post(u) @ v.proj, dim=-1)
                 for k in range(K):
-                    s = (e @ text[k]).sum()
+                    s = score(e, k)
                     g = torch.autograd.grad(s, A, retain_graph=True)[0]  # [B,H,T,T]
                     m = g.clamp(min=0).mean(dim=(1, 2))
                     total[:, k] += m[:, P:]

@@ -134,6 +134,18 @@ def test_tiling_shifts_and_resume_work_on_the_onnx_backend(dynamic, tmp_path, ca
     assert "settings model.backend" in err
 
 
+def test_background_contrast_on_the_onnx_backend(dynamic, tmp_path, capsys):
+    src = scenes(tmp_path / "in", 3)
+    common = [str(src), *BASE, "-q", "a", "-q", "b", "--set", "preprocess.size=32", "--set",
+              "queries.background=[background, texture]", "--set", "explainer.contrast=mean"]
+    label([*common, "--out", str(tmp_path / "torch")], capsys)
+    onnx_args = [*common, "--backend", "onnx", "--onnx-dir", str(dynamic.out_dir)]
+    label([*onnx_args, "--out", str(tmp_path / "onnx")], capsys)
+    _compare(tmp_path / "torch", tmp_path / "onnx")
+    err = label([*onnx_args, "--out", str(tmp_path / "max"), "--set", "explainer.contrast=max"], capsys, 2)
+    assert "contrast 'max'" in err and "use contrast 'mean'" in err
+
+
 def test_what_cannot_be_a_forward_graph_is_refused(tmp_path):
     with pytest.raises(UnsupportedModelError, match="legrad, chefercam, gradcam, raw_attention, rollout"):
         export_onnx(TINY, "none", tmp_path / "x", methods=["chefer_lrp"], size=32)

@@ -292,6 +292,27 @@ def test_python_api(tmp_path):
     assert summary["counts"]["labelled"] == 1 and (tmp_path / "out" / "predictions.json").exists()
 
 
+@pytest.mark.parametrize("mode", ["mean", "max"])
+def test_background_contrast_through_the_pipeline(mode):
+    """explainer.contrast: the pipeline's maps are LeGrad's of t_k·e − agg(t_b·e) over its background prompts."""
+    from ovlabel import ConfigError, compute_maps
+
+    base = {"model.name": TINY, "model.pretrained": "none", "preprocess.size": 32,
+            "queries.background": ["background", "texture"]}
+    pipe = Pipeline.from_config(None, **base, **{"explainer.contrast": mode})
+    plain = Pipeline.from_config(None, **base)
+    x = torch.randn(3, 32, 32)
+    _, text, bg = pipe.queries(["a", "b"])
+    got, _ = pipe._explain([x], text)
+    want = compute_maps(pipe.model.model, x[None], text, contrast=bg, contrast_mode=mode)
+    assert torch.allclose(got[0], want[0], atol=1e-6)
+    assert not torch.allclose(got[0], plain._explain([x], text)[0][0], atol=1e-3)
+    with pytest.raises(ConfigError, match="set queries.background"):
+        Pipeline.from_config(None, **{**base, "queries.background": []}, **{"explainer.contrast": mode}).queries(["a"])
+    with pytest.raises(ConfigError, match="does not take it"):
+        Pipeline.from_config(None, **base, **{"explainer.contrast": mode, "explainer.method": "gradcam"})
+
+
 def test_shift_averaging():
     """explainer.shifts = 2: the maps are the mean of the maps at the four half-patch offsets."""
     from ovlabel.legrad.explain import explain

@@ -109,6 +109,19 @@ def test_detections_empty_safe():
     assert masks_to_boxes(np.zeros((0, 5, 6), dtype=bool)).shape == (0, 4)
 
 
+def test_many_detections_and_nms_over_many_candidates():
+    """pycocotools' area() overflows for more than 255 RLEs at once under NumPy 2 (regression)."""
+    masks = np.zeros((300, 40, 40), dtype=bool)
+    for i in range(300):
+        masks[i, i % 40, (i // 40) * 5 : (i // 40) * 5 + 1 + i % 3] = True
+    d = Detections(masks, np.linspace(0.9, 0.1, 300), np.ones(300, int), ["a"] * 300)
+    assert d.areas.tolist() == [1 + i % 3 for i in range(300)]
+    heat = np.random.default_rng(0).random((1, 200, 200)).astype(np.float32)  # hundreds of specks
+    dets = Postprocessor(threshold=ThresholdSpec("fixed", 0.7), min_area=1, min_area_fraction=0, nms="mask",
+                         max_detections=1000)(heat, ["a"], [1])
+    assert len(dets) > 255
+
+
 def test_nms_suppresses_overlaps_across_classes():
     masks = np.zeros((3, 20, 20), dtype=bool)
     masks[0, 2:12, 2:12] = True

@@ -80,7 +80,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_shard(text: str) -> tuple[int, int]:
+def _parse_shard(text: str) -> tuple[int, int] | str:
+    if text == "auto":
+        return text  # from the scheduler's environment, when the run starts
     try:
         i, n = (int(v) for v in text.split("/"))
     except ValueError:
@@ -138,6 +140,19 @@ def _cmd_label(args: argparse.Namespace) -> int:
 
     queries = _queries(args)
     cfg = load_config(args.config, _label_overrides(args))
+    shard, ray_options = args.shard, None
+    if shard == "auto":
+        from .pipeline.ray_engine import shard_from_environment
+
+        shard = shard_from_environment()
+        logging.getLogger("ovlabel").info("--shard auto: shard %d of %d", *shard)
+    if args.engine == "ray":
+        from .pipeline.ray_engine import RayOptions, parse_actors
+
+        ray_options = RayOptions(address=args.ray_address, actors=parse_actors(args.actors) if args.actors else None,
+                                 gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor)
+    elif args.ray_address or args.actors or args.gpus_per_actor or args.cpus_per_actor:
+        raise InputError("--ray-address, --actors, --gpus-per-actor and --cpus-per-actor need --engine ray")
     if args.threads is not None:
         _set_threads(args.threads)
     from .pipeline.runner import Pipeline
@@ -150,8 +165,9 @@ def _cmd_label(args: argparse.Namespace) -> int:
 
             pipe.postprocessor = dataclasses.replace(pipe.postprocessor, threads=max(1, min(2, args.threads)))
         summary = pipe.run(args.inputs, args.out, queries=queries, queries_file=args.queries_file,
-                           coco_gt=args.coco_gt, images_dir=args.images_dir, resume=args.resume, shard=args.shard,
-                           retry_failed=args.retry_failed, command=shlex.join(["ovlabel", *(args.argv or [])]))
+                           coco_gt=args.coco_gt, images_dir=args.images_dir, resume=args.resume, shard=shard,
+                           retry_failed=args.retry_failed, command=shlex.join(["ovlabel", *(args.argv or [])]),
+                           engine=args.engine, ray=ray_options)
     c = summary["counts"]
     print(f"labelled {c['labelled']} images ({c['detections']} detections), {c['failed']} failed, "
           f"{c['resumed_skipped']} already done -> {args.out}")
@@ -245,6 +261,22 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     if r["failures"]:
         print(f"{len(r['failures'])} sample(s) failed (listed in {Path(args.out) / 'results.json'})")
     print(f"results: {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .evaluation.calibrate import calibrate
+
+    r = calibrate(args.heatmaps, args.coco_gt, args.out, metric=args.metric, per_class=args.per_class,
+                  folds=args.folds, config=args.config, images=args.images)
+    h = r["held_out"]
+    print(f"{r['metric']} on held-out folds: {100 * h['start']:.1f} (start) -> {100 * h['tuned']:.1f} (calibrated), "
+          f"{100 * h['gain']:+.1f} points over {len(r['folds'])} folds")
+    c = r["chosen"]
+    print(f"chosen: threshold {c['threshold'][0]} {c['threshold'][1]}, instances {c['instances']}, refine "
+          f"{c['refine']}, min_area_fraction {c['min_area_fraction']}, presence_threshold {c['presence_threshold']}"
+          + (f", {len(c['class_thresholds'])} class thresholds" if c["class_thresholds"] else ""))
+    print(f"{r['evaluations']} evaluations in {r['seconds']:.0f} s -> {args.out} (use it with --config)")
     return 0
 
 
@@ -359,6 +391,19 @@ def build_parser() -> argparse.ArgumentParser:
     _export_options(p)
     p.set_defaults(func=_cmd_postprocess)
 
+    p = add("calibrate", "search the post-processing settings on labelled images' cached heatmaps")
+    p.add_argument("--heatmaps", required=True, help="cached heatmaps of the labelled images (a run's heatmaps/)")
+    p.add_argument("--coco-gt", required=True, help="their COCO ground truth")
+    p.add_argument("--out", required=True, help="the config file to write (YAML, use with --config)")
+    p.add_argument("--metric", default="segm-ap", choices=["segm-ap", "segm-ap50", "bbox-ap", "miou"],
+                   help="what to maximise")
+    p.add_argument("--per-class", action="store_true", help="also a threshold per class with enough instances")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds for the held-out gain")
+    p.add_argument("--config", help="the starting configuration (default: the run's, else default)")
+    p.add_argument("--images", help="the images folder, to search the map refinement too (default: where the run "
+                   "read them)")
+    p.set_defaults(func=_cmd_calibrate)
+
     p = add("eval", "COCO evaluation with pycocotools (+ semantic metrics)")
     p.add_argument("--gt", required=True, help="COCO ground-truth JSON")
     p.add_argument("--pred", required=True, help="COCO results JSON (predictions.json)")
@@ -404,7 +449,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--retry-failed", action="store_true",
                    help="with --resume: label again the images whose record is a failure")
     r.add_argument("--shard", type=_parse_shard, default="0/1", metavar="I/N",
-                   help="process the I-th of N deterministic shares (merge with `ovlabel merge`)")
+                   help="process the I-th of N deterministic shares (merge with `ovlabel merge`); `auto`: I and N "
+                   "from a SLURM job array (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT) or torchrun (RANK, "
+                   "WORLD_SIZE)")
+    r.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process (and its decoding workers); ray: a Ray cluster (pip install "
+                   "'ovlabel[ray]')")
+    r.add_argument("--ray-address", help="with --engine ray: join this running cluster (e.g. auto, or "
+                   "ray://head:10001); default: start a local cluster sized to this machine")
+    r.add_argument("--actors", help="with --engine ray: model replicas, N or MIN:MAX (default: one per GPU with "
+                   "--gpus-per-actor, else one per 4 CPUs)")
+    r.add_argument("--gpus-per-actor", type=float, default=0.0, help="with --engine ray: GPUs of each actor")
+    r.add_argument("--cpus-per-actor", type=float, help="with --engine ray: CPUs of each actor (default: the "
+                   "cluster's CPUs shared among the actors; 1 with GPUs)")
     r.add_argument("--strict", action="store_true", help="stop at the first image that fails")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     o = p.add_argument_group("outputs")

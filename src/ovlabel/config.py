@@ -56,6 +56,7 @@ class ExplainerConfig(_Section):
     layers: Union[Literal["all", "last"], int, list[int], None] = None  # noqa: UP007
     chunk_size: int | None = Field(default=None, ge=1)
     empty_prompt: bool = False  # SigLIP correction: suppress what "a photo of a" lights up
+    contrast: Literal["none", "mean", "max"] = "none"  # legrad: explain t_k·e − agg(background prompts ·e)
     shifts: int = Field(default=1, ge=1, le=4)  # s > 1: average maps over s×s sub-patch offsets of the input
 
 
@@ -113,8 +114,20 @@ class ThresholdConfig(_Section):
         return self
 
 
+class RefineConfig(_Section):
+    method: Literal["none", "superpixels", "pamr", "crf"] = "none"
+    superpixels: Literal["felzenszwalb", "slic"] = "felzenszwalb"
+    segments: int = Field(default=250, ge=2)  # SLIC: about this many superpixels
+    compactness: float = Field(default=10.0, gt=0)  # SLIC: colour vs space
+    scale: float = Field(default=100.0, gt=0)  # Felzenszwalb: larger, larger segments
+    iterations: int = Field(default=10, ge=1)  # PAMR and CRF
+    dilations: list[int] = [1, 2, 4, 8, 12, 24]  # PAMR
+    max_side: int = Field(default=1024, ge=16)  # larger images are refined at this size
+
+
 class PostprocessConfig(_Section):
     threshold: ThresholdConfig = ThresholdConfig()
+    refine: RefineConfig = RefineConfig()
     class_thresholds: dict[str, ThresholdConfig] = {}
     instances: Literal["components", "class"] = "components"
     min_area: int = Field(default=16, ge=0)
@@ -164,6 +177,7 @@ class RunConfig(_Section):
 
 class Config(_Section):
     extends: str | None = None
+    calibration: dict[str, Any] | None = None  # written by `ovlabel calibrate` (its search and figures)
     model: ModelConfig = ModelConfig()
     explainer: ExplainerConfig = ExplainerConfig()
     preprocess: PreprocessConfig = PreprocessConfig()

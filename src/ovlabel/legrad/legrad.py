@@ -69,8 +69,10 @@ def legrad_grid_maps(
     chunk_size: int | None = None,
     batched: bool | None = None,
     final_tokens: list | None = None,
+    contrast: Contrast | None = None,
 ) -> Tensor:
     """LeGrad maps on the token grid, summed over ``layers``: ``[B, K, gh, gw]`` float32, unnormalised.
+    ``contrast``: explain ``t_k · e`` against background prompts (:class:`Contrast`).
 
     ``images`` are in the tower's dtype and device, ``text`` ``[K, E]`` unit rows in the same dtype.
     ``batched`` selects how ``∂s/∂A`` is reduced (see :func:`relu_column_sums`); by default looped on
@@ -88,11 +90,33 @@ def legrad_grid_maps(
         for i, blk in enumerate(tower.blocks[: max(layers) + 1]):
             z, cache = block_forward(blk, x)
             if i in selected:
-                acc += _layer_map(tower, blk, cache, z, text, chunk_size, batched)
+                acc += _layer_map(tower, blk, cache, z, text, chunk_size, batched, contrast)
             x = z
         if final_tokens is not None and max(layers) == len(tower.blocks) - 1:
             final_tokens.append(x)
         return acc.reshape(B, K, *grid)
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """A contrastive target: ``s_k = t_k · e − agg_b (t_b · e)`` over background / negative prompts
+    ``prompts`` ``[M, E]`` (unit rows), ``agg`` the mean or the max. Its gradient is LeGrad's with
+    ``t_k − mean_b t_b`` (mean) or ``t_k − t_b*`` (max; ``b*`` the prompt closest to the block's
+    embedding, per image and block) in place of ``t_k`` — exact, since ``∂(t·e)/∂f`` holds for any ``t``."""
+
+    prompts: Tensor
+    mode: str = "max"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("mean", "max"):
+            raise ValueError(f"contrast mode must be 'mean' or 'max', got {self.mode!r}")
+
+    def text(self, f: Tensor, t: Tensor) -> Tensor:
+        """The vectors to differentiate against for embeddings ``f`` ``[B,E]``: ``[k,E]`` or ``[B,k,E]``."""
+        if self.mode == "mean":
+            return t - self.prompts.mean(0)
+        best = (f @ self.prompts.T).argmax(dim=1)  # same argmax as the cosine's: one positive scale per row
+        return t.unsqueeze(0) - self.prompts[best].unsqueeze(1)
 
 
 @dataclass
@@ -120,7 +144,7 @@ def legrad_forward(tower: Tower, images: Tensor, layers: list[int]) -> LegradSta
 
 
 def legrad_maps(tower: Tower, state: LegradState, text: Tensor, *, chunk_size: int | None = None,
-                batched: bool | None = None) -> Tensor:
+                batched: bool | None = None, contrast: Contrast | None = None) -> Tensor:
     """:func:`legrad_grid_maps` from a :func:`legrad_forward` state → ``[B, K, gh, gw]``."""
     z0 = state.tokens
     if batched is None:
@@ -129,14 +153,14 @@ def legrad_maps(tower: Tower, state: LegradState, text: Tensor, *, chunk_size: i
         acc = z0.new_zeros(z0.shape[0], text.shape[0], state.grid[0] * state.grid[1],
                            dtype=accumulation_dtype(z0.dtype))
         for blk, cache, z in state.blocks:
-            acc += _layer_map(tower, blk, cache, z, text, chunk_size, batched)
+            acc += _layer_map(tower, blk, cache, z, text, chunk_size, batched, contrast)
         return acc.reshape(z0.shape[0], text.shape[0], *state.grid)
 
 
 def _layer_map(tower: Tower, blk: Block, cache: BlockCache, z: Tensor, text: Tensor,
-               chunk_size: int | None, batched: bool) -> Tensor:
+               chunk_size: int | None, batched: bool, contrast: Contrast | None = None) -> Tensor:
     if tower.pool is not None:
-        return _pool_layer_map(tower, z, text, chunk_size)
+        return _pool_layer_map(tower, z, text, chunk_size, contrast)
     assert tower.legrad_head is not None
     B, T, D = z.shape
     H = blk.heads
@@ -147,7 +171,7 @@ def _layer_map(tower: Tower, blk: Block, cache: BlockCache, z: Tensor, text: Ten
     parts = []
     for sl in query_chunks(text.shape[0], per_query, chunk_size, z.device):
         t = text[sl]
-        g_f, _ = cosine_grad(f, t)  # [B,k,E]
+        g_f, _ = cosine_grad(f, t if contrast is None else contrast.text(f, t))  # [B,k,E]
         g_z = run_backward(tower.legrad_head, head_cache, g_f)  # [B,k,1,D]: same for every token
         g_mid = blk.mlp.backward(g_z, cache.mlp)  # [B,k,T,D]
         if blk.gamma1 is not None:
@@ -159,7 +183,8 @@ def _layer_map(tower: Tower, blk: Block, cache: BlockCache, z: Tensor, text: Ten
     return torch.cat(parts, dim=1)
 
 
-def _pool_layer_map(tower: Tower, z: Tensor, text: Tensor, chunk_size: int | None) -> Tensor:
+def _pool_layer_map(tower: Tower, z: Tensor, text: Tensor, chunk_size: int | None,
+                    contrast: Contrast | None = None) -> Tensor:
     pool = tower.pool
     assert pool is not None
     f, v, tail_cache, _ = pool.forward(z)
@@ -168,7 +193,7 @@ def _pool_layer_map(tower: Tower, z: Tensor, text: Tensor, chunk_size: int | Non
     parts = []
     for sl in query_chunks(text.shape[0], B * H * Tk, chunk_size, z.device):
         t = text[sl]
-        g_f, _ = cosine_grad(f, t)
+        g_f, _ = cosine_grad(f, t if contrast is None else contrast.text(f, t))
         g_o = run_backward(pool.tail, tail_cache, g_f)  # [B,k,Q,Dp]
         g_o0 = g_o[:, :, 0].reshape(B, t.shape[0], H, -1)  # first latent query, per head
         grad_attn = torch.einsum("bkhd,bhtd->bkht", g_o0, v)  # ∂s/∂A_pool[h, 0, :]

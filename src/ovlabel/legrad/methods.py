@@ -10,7 +10,7 @@ import torch
 from ..errors import InputError
 from . import baselines, lrp
 from .base import ExplainInput, MethodOutput, finalize_maps, register_method
-from .legrad import legrad_grid_maps
+from .legrad import Contrast, legrad_grid_maps
 
 Tensor = torch.Tensor
 
@@ -27,13 +27,19 @@ def _pooler_reads_no_blocks(inp: ExplainInput, method: str) -> None:
 
 @register_method("legrad")
 def legrad(inp: ExplainInput, *, chunk_size: int | None = None, batched: bool | None = None,
-           empty_prompt: Tensor | None = None) -> MethodOutput:
+           empty_prompt: Tensor | None = None, contrast: Tensor | None = None,
+           contrast_mode: str = "max") -> MethodOutput:
     """LeGrad. One forward pass per image batch serves all queries; per query and selected block the
     cost is the closed-form backward of the rest of that block (see :mod:`ovlabel.legrad.legrad`).
 
     ``empty_prompt``: embedding ``[E]`` of the text "a photo of a" (the published SigLIP correction):
     its map is computed alongside, min-max normalised, and every query map is zeroed where it exceeds
     0.8 — suppressing what the model attends to for any prompt. Costs one extra query.
+
+    ``contrast``: embeddings ``[M, E]`` of background / negative prompts: each query's map explains
+    ``t_k · e − agg_b (t_b · e)`` (``contrast_mode`` ``"max"`` or ``"mean"``) instead of ``t_k · e``, so what
+    lights up for "background" is suppressed for every query (:class:`ovlabel.legrad.legrad.Contrast`).
+    Exact gradients; no extra cost per query.
     """
     text = inp.text
     if empty_prompt is not None:
@@ -42,9 +48,19 @@ def legrad(inp: ExplainInput, *, chunk_size: int | None = None, batched: bool | 
                              f"got {getattr(empty_prompt, 'shape', type(empty_prompt).__name__)}")
         e = empty_prompt.to(device=text.device, dtype=text.dtype)
         text = torch.cat([text, (e / e.norm()).unsqueeze(0)])
+    target = None
+    if contrast is not None:
+        if not isinstance(contrast, Tensor) or contrast.ndim != 2 or contrast.shape[1] != text.shape[1] or \
+                contrast.shape[0] == 0:
+            raise InputError(f"contrast must be a tensor [M, {text.shape[1]}] of background prompt embeddings, got "
+                             f"{getattr(contrast, 'shape', type(contrast).__name__)}")
+        if contrast_mode not in ("mean", "max"):
+            raise InputError(f"contrast_mode must be 'mean' or 'max', got {contrast_mode!r}")
+        c = contrast.to(device=text.device, dtype=text.dtype)
+        target = Contrast(c / c.norm(dim=-1, keepdim=True), contrast_mode)
     tokens: list = []
     grid = legrad_grid_maps(inp.tower, inp.images, text, inp.layers, chunk_size=chunk_size, batched=batched,
-                            final_tokens=tokens if inp.want_embedding else None)
+                            final_tokens=tokens if inp.want_embedding else None, contrast=target)
     embedding = None
     if tokens:
         with torch.no_grad():

@@ -213,11 +213,16 @@ def activation_grad(x: Tensor, kind: str) -> Tensor:
 def cosine_grad(f: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
     """Gradient of ``s_k = t_k · f / ‖f‖`` with respect to ``f``, for every query.
 
-    ``f``: ``[B, E]`` unnormalised embeddings; ``text``: ``[K, E]`` unit vectors.
-    Returns ``(g_f [B, K, E], s [B, K])`` with ``g_f = (t_k − s_k e) / ‖f‖``.
+    ``f``: ``[B, E]`` unnormalised embeddings; ``text``: ``[K, E]`` vectors, or ``[B, K, E]`` (one set
+    per image). Returns ``(g_f [B, K, E], s [B, K])`` with ``g_f = (t_k − s_k e) / ‖f‖`` — exact for any
+    ``t_k``, unit or not (a difference of text embeddings, say).
     """
     norm = f.norm(dim=-1, keepdim=True)
     e = f / norm
-    s = e @ text.T
-    g = (text.unsqueeze(0) - s.unsqueeze(-1) * e.unsqueeze(1)) / norm.unsqueeze(1)
+    if text.ndim == 2:
+        s = e @ text.T
+        text = text.unsqueeze(0)
+    else:
+        s = (text @ e.unsqueeze(-1)).squeeze(-1)
+    g = (text - s.unsqueeze(-1) * e.unsqueeze(1)) / norm.unsqueeze(1)
     return g, s

@@ -34,7 +34,8 @@ class Backend(Protocol):
     def encode_text(self, prompts: list[str]) -> torch.Tensor: ...
 
     def explain(self, images: torch.Tensor, text: torch.Tensor, *, raw: bool = False,
-                empty: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+                empty: torch.Tensor | None = None,
+                contrast: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def embed(self, images: torch.Tensor) -> torch.Tensor: ...
 
@@ -77,9 +78,11 @@ class TorchBackend:
         return encode_prompts(self.loaded.model, self._tokenizer, prompts, self.loaded.device)
 
     def explain(self, images: torch.Tensor, text: torch.Tensor, *, raw: bool = False,
-                empty: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                empty: torch.Tensor | None = None,
+                contrast: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Maps ``[B,K,H,W]`` float32 on the CPU and embeddings ``[B,E]`` float32 for a batch of inputs of
-        one size. ``empty``: the "a photo of a" embedding for LeGrad's empty-prompt correction."""
+        one size. ``empty``: the "a photo of a" embedding for LeGrad's empty-prompt correction;
+        ``contrast``: background prompt embeddings for ``explainer.contrast``."""
         from ..legrad.explain import explain
 
         lm, ex = self.loaded, self.explainer
@@ -88,6 +91,9 @@ class TorchBackend:
             options["chunk_size"] = ex.chunk_size
         if empty is not None and not raw:
             options["empty_prompt"] = empty
+        if contrast is not None:
+            options["contrast"] = contrast.to(lm.device, lm.dtype)
+            options["contrast_mode"] = ex.contrast
         out = explain(lm.model, images.to(lm.device, lm.dtype), text.to(lm.device, lm.dtype), method=ex.method,
                       layers=ex.layers, normalize=not raw, embeddings=True, **options)
         return out.maps.float().cpu(), out.embeddings.float()

@@ -86,9 +86,10 @@ def postprocess_heatmaps(
     if root is not None and not root.is_dir():
         raise InputError(f"the images folder {root} does not exist" + ("" if images is not None else
                          f" (recorded by {run_yaml}); pass --images"))
-    if (cfg.export.overlays or any(f.startswith("yolo") for f in cfg.export.all_formats)) and root is None:
-        raise InputError("overlays and YOLO datasets need the images: pass --images (the folder the heatmaps' "
-                         "file names are relative to)")
+    refine = cfg.postprocess.refine.method != "none"
+    if (cfg.export.overlays or refine or any(f.startswith("yolo") for f in cfg.export.all_formats)) and root is None:
+        raise InputError("overlays, map refinement and YOLO datasets need the images: pass --images (the folder the "
+                         "heatmaps' file names are relative to)")
     out_dir = ensure_writable_dir(out_dir)
     seen: dict[int, Path] = {}
     names: dict[int, str] = {}
@@ -116,8 +117,9 @@ def postprocess_heatmaps(
                     image["file_name"] = gt_coco.imgs[rec.image_id].get("file_name", rec.file_name)
                 names[rec.image_id] = image["file_name"]
                 cat_ids = [cats.id_of(q, source=f"{f}: field 'queries'") for q in rec.queries]
+                pixels = _image(root, image, rec) if refine else None
                 try:
-                    dets = post(rec.maps, rec.queries, cat_ids, rec.presence)
+                    dets = post(rec.maps, rec.queries, cat_ids, rec.presence, image=pixels)
                 except InputError as e:
                     raise InputError(f"{f}: {e}") from None
                 writer.write(image, dets)
@@ -145,6 +147,20 @@ def postprocess_heatmaps(
         "outputs": {"predictions": "predictions.json", "dataset": "dataset.json", "formats": summary["formats"]},
     })
     return summary
+
+
+def _image(root: Path, image: dict, rec):
+    """The pixels of a cached image, for map refinement (its size must be the heatmaps')."""
+    from .images import read_image
+
+    try:
+        pixels = read_image(root / image["file_name"])
+    except ImageReadError as e:
+        raise InputError(f"{root / image['file_name']}: {e} (map refinement needs the image)") from None
+    if pixels.shape[:2] != rec.size:
+        raise InputError(f"{root / image['file_name']} is {pixels.shape[1]}x{pixels.shape[0]} but its heatmaps are "
+                         f"{rec.size[1]}x{rec.size[0]}")
+    return pixels
 
 
 def _overlay(out_dir: Path, root: Path, rec, image: dict, dets) -> None:

@@ -89,6 +89,10 @@ class OnnxBackend:
         self.mean, self.std = tuple(info["mean"]), tuple(info["std"])
         self.has_logit_bias = info.get("logit_bias") is not None
         self.static_size = None if info.get("dynamic_size") else int(info["input_size"])
+        if ex.contrast == "max":
+            raise InputError("explainer.contrast 'max' picks the closest background prompt per block inside the "
+                             "explainer; the exported graphs take fixed text: use contrast 'mean' (or 'none') with "
+                             "the onnx backend")
         self.method = ex.method
         self.dtype = np.float16 if info.get("precision") == "fp16" else np.float32  # what the graphs take
         self._check_graph()
@@ -140,7 +144,8 @@ class OnnxBackend:
         return out, (H, W)
 
     def explain(self, images: torch.Tensor, text: torch.Tensor, *, raw: bool = False,
-                empty: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                empty: torch.Tensor | None = None,
+                contrast: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         from ..legrad.base import finalize_maps
         from ..legrad.methods import EMPTY_PROMPT_THRESHOLD
 
@@ -149,6 +154,9 @@ class OnnxBackend:
         use_empty = empty is not None and not raw
         if use_empty:
             t = torch.cat([t, (empty / empty.norm()).float()[None]])
+        if contrast is not None:  # mean contrast: LeGrad of t − mean(t_b), whose maps (min-max) equal
+            c = torch.nn.functional.normalize(contrast.float(), dim=-1)  # those of its direction
+            t = t - c.mean(0)
         sess = session(self.dir / self.info["methods"][self.method]["file"], self.device)
         maps, emb, grid = (a.astype(np.float32) for a in sess.run(None, {"images": x.numpy().astype(self.dtype),
                                                                            "text": t.numpy().astype(self.dtype)}))

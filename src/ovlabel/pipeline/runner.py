@@ -37,7 +37,7 @@ import torch
 
 from .. import __version__
 from ..config import Config, deep_merge, load_config
-from ..errors import ImageReadError, InputError, OutputError
+from ..errors import ConfigError, ImageReadError, InputError, OutputError
 from ..export.categories import Categories, load_categories
 from ..export.coco import check_png_category_ids, load_coco
 from ..export.files import (
@@ -175,9 +175,13 @@ class Pipeline:
         self._backend = backend
         self._query_cache: dict[str, tuple[QuerySet, torch.Tensor, torch.Tensor | None]] = {}
         self._empty: torch.Tensor | None = None
+        self._contrast: torch.Tensor | None = None
         self.stats: dict[str, int] = {}  # where candidates went, over the images processed (see Postprocessor)
         self.postprocessor = Postprocessor.from_config(config.postprocess)
         self.method = get_method(config.explainer.method)  # unknown method: error before any work
+        if config.explainer.contrast != "none" and config.explainer.method != "legrad":
+            raise ConfigError(f"explainer.contrast changes LeGrad's target; the {config.explainer.method} explainer "
+                              "does not take it (set explainer.contrast: none, or method: legrad)")
 
     @classmethod
     def from_config(cls, source: str | Path | dict | Config | None = None, *, backend: str | None = None,
@@ -236,6 +240,11 @@ class Pipeline:
         return list(self.backend.layers)
 
     @property
+    def _keep_image(self) -> bool:
+        """Whether the decoded pixels stay with a prepared image (overlays and map refinement need them)."""
+        return self.cfg.export.overlays or self.cfg.postprocess.refine.method != "none"
+
+    @property
     def normalization(self) -> Normalization:
         """``preprocess.mean``/``std`` when set, else the model's own."""
         pre, be = self.cfg.preprocess, self.backend
@@ -249,6 +258,11 @@ class Pipeline:
         if key not in self._query_cache:
             text, bg = embed_queries(self.backend.encode_text, qs)
             self._query_cache[key] = (qs, text, bg)
+            if self.cfg.explainer.contrast != "none":
+                if bg is None:
+                    raise ConfigError(f"explainer.contrast {self.cfg.explainer.contrast!r} explains each query "
+                                      "against the background prompts: set queries.background (or negatives)")
+                self._contrast = bg
             if self.cfg.explainer.empty_prompt and self._empty is None:
                 self._empty = self.backend.encode_text([EMPTY_PROMPT])[0]
         return self._query_cache[key]
@@ -293,9 +307,10 @@ class Pipeline:
         maps: list = [None] * len(tensors)
         embs: list = [None] * len(tensors)
         empty = self._empty if self.cfg.explainer.empty_prompt else None
+        contrast = self._contrast if self.cfg.explainer.contrast != "none" else None
         for idx in groups.values():
             out_maps, out_embs = self.backend.explain(torch.stack([tensors[i] for i in idx]), text, raw=raw,
-                                                      empty=empty)
+                                                      empty=empty, contrast=contrast)
             for j, i in enumerate(idx):
                 maps[i] = out_maps[j]
                 embs[i] = out_embs[j]
@@ -311,7 +326,7 @@ class Pipeline:
 
     def _finish(self, prep: Prepared, maps: ImageMaps, emb, qs: QuerySet, text, bg) -> ImageResult:
         pres = self.presence(emb[None], text, bg)[0]
-        dets = self.postprocessor(maps, qs.names, qs.categories.ids, pres, stats=self.stats)
+        dets = self.postprocessor(maps, qs.names, qs.categories.ids, pres, stats=self.stats, image=prep.image)
         return ImageResult(dets, maps, qs.names, pres)
 
     def process(self, batch: list[Prepared], qs: QuerySet, text, bg) -> list[ImageResult | None]:
@@ -349,7 +364,7 @@ class Pipeline:
         qs, text, bg = self.queries(queries)
         arr = _as_rgb(image, self.cfg.run.max_pixels)
         item = ImageItem(0, Path(str(image)) if isinstance(image, (str, Path)) else Path("image"), "image")
-        prep = prepare(item, arr, self.cfg, self.patch, self.normalization, keep_image=False)
+        prep = prepare(item, arr, self.cfg, self.patch, self.normalization, keep_image=self._keep_image)
         return self.process([prep], qs, text, bg)[0]
 
     # ------------------------------------------------------------------------------------- per batch
@@ -360,8 +375,7 @@ class Pipeline:
         are written into ``out_dir`` when the config asks for them."""
         qs, text, bg = self.queries(queries, categories)
         norm = self.normalization
-        keep = self.cfg.export.overlays
-        prepared = [prepare_decoded(d, self.cfg, self.patch, norm, keep) for d in images]
+        prepared = [prepare_decoded(d, self.cfg, self.patch, norm, self._keep_image) for d in images]
         return self._label_prepared(prepared, qs, text, bg, None if out_dir is None else Path(out_dir))
 
     def _label_prepared(self, batch: list[Prepared], qs: QuerySet, text, bg, out_dir: Path | None) -> list[dict]:
@@ -416,13 +430,26 @@ class Pipeline:
         shard: tuple[int, int] = (0, 1),
         retry_failed: bool = False,
         command: str | None = None,
+        engine: str = "local",
+        ray: Any = None,
     ) -> dict:
-        """Label ``inputs`` into ``out_dir``: :meth:`plan`, :meth:`execute`, :meth:`finish` (see the
-        module docstring). Returns the run summary."""
+        """Label ``inputs`` into ``out_dir``: :meth:`plan`, execute, :meth:`finish` (see the module
+        docstring). ``engine``: ``"local"`` (:meth:`execute`: this process and its DataLoader workers) or
+        ``"ray"`` (:mod:`ovlabel.pipeline.ray_engine`; ``ray``: its ``RayOptions``). Returns the run summary."""
+        if engine not in ("local", "ray"):
+            raise InputError(f"engine must be 'local' or 'ray', got {engine!r}")
+        if engine == "ray":
+            from . import ray_engine
+
+            options = ray if ray is not None else ray_engine.RayOptions()
+            ray_engine._connect_check()  # Ray missing: say so before any work
         plan = self.plan(inputs, out_dir, queries=queries, queries_file=queries_file, coco_gt=coco_gt,
                          images_dir=images_dir, resume=resume, shard=shard, retry_failed=retry_failed,
                          command=command)
-        counts = self.execute(plan)
+        if engine == "ray":
+            counts = ray_engine.execute(self, plan, options)
+        else:
+            counts = self.execute(plan)
         return self.finish(plan, counts)
 
     def plan(
@@ -531,7 +558,8 @@ class Pipeline:
         return {
             "model": model,
             "explainer": {"method": cfg.explainer.method, "layers": self.layers(),
-                          "empty_prompt": cfg.explainer.empty_prompt, "shifts": cfg.explainer.shifts},
+                          "empty_prompt": cfg.explainer.empty_prompt, "shifts": cfg.explainer.shifts,
+                          "contrast": cfg.explainer.contrast},
             "queries": qs.describe(),
             "preprocess": {**cfg.preprocess.model_dump(), "mean": list(norm.mean), "std": list(norm.std)},
             "postprocess": cfg.postprocess.model_dump(),
@@ -545,7 +573,7 @@ class Pipeline:
         cfg = self.cfg
         todo_items = [it for b in plan.todo for it in b]
         loader = torch.utils.data.DataLoader(
-            _Dataset(todo_items, cfg, self.patch, self.normalization, cfg.export.overlays),
+            _Dataset(todo_items, cfg, self.patch, self.normalization, self._keep_image),
             batch_size=cfg.run.batch_size, shuffle=False,
             num_workers=cfg.run.workers if len(todo_items) > 1 else 0, collate_fn=_collate, persistent_workers=False)
         counts = {"images": sum(len(b) for b in plan.batches), "resumed_skipped": sum(len(b) for b in plan.batches)

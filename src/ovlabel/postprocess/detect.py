@@ -19,8 +19,10 @@ from ..errors import InputError
 from .detections import Detections
 from .geometry import ImageMaps, minmax
 from .masks import ThresholdSpec, find_instances
+from .refine import RefineSpec
 from .scoring import combine
 
+REFINE_CHUNK_PIXELS = 2**23  # maps refined together (32 MB of float32)
 NMS_KINDS = (None, "mask", "box")
 
 
@@ -61,12 +63,17 @@ def nms(dets: Detections, iou_threshold: float, kind: str = "mask") -> Detection
         objs = dets.boxes.tolist()
     else:
         raise InputError(f"nms must be 'mask' or 'box', got {kind!r}")
-    iou = mask_utils.iou(objs, objs, [0] * len(dets))
+    return dets.select(greedy_nms(objs, iou_threshold))
+
+
+def greedy_nms(objs: list, iou_threshold: float) -> list[int]:
+    """Indices kept by greedy NMS over ``objs`` (RLEs or ``[x,y,w,h]`` boxes, best first)."""
+    iou = mask_utils.iou(objs, objs, [0] * len(objs))
     keep: list[int] = []
-    for i in range(len(dets)):
+    for i in range(len(objs)):
         if all(iou[i, j] <= iou_threshold for j in keep):
             keep.append(i)
-    return dets.select(keep)
+    return keep
 
 
 def as_image_maps(heatmaps: Any) -> ImageMaps:
@@ -107,6 +114,7 @@ class Postprocessor:
     nms: str | None = None
     nms_iou: float = 0.5
     threads: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
+    refine: RefineSpec = RefineSpec()
 
     def __post_init__(self) -> None:
         if self.nms not in NMS_KINDS:
@@ -131,6 +139,8 @@ class Postprocessor:
             max_detections=cfg.max_detections,
             nms=cfg.nms,
             nms_iou=cfg.nms_iou,
+            refine=RefineSpec(**{k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in cfg.refine.model_dump().items()}),
         )
 
     def __call__(
@@ -141,11 +151,13 @@ class Postprocessor:
         presence: Sequence[float] | np.ndarray | None = None,
         *,
         stats: dict | None = None,
+        image: np.ndarray | None = None,
     ) -> Detections:
         """The maps of one image — ``ImageMaps`` or a ``[K,H,W]`` array (normalised or raw) — → its
         detections, best first. ``stats`` (a dict) counts where candidates went: ``queries``, ``absent``
         (below the presence threshold), ``no_region`` (nothing above the threshold and minimum area),
-        ``candidates``, ``below_score``."""
+        ``candidates``, ``below_score``. ``image`` (RGB ``uint8`` at the maps' size) is needed by
+        ``refine`` (:mod:`ovlabel.postprocess.refine`)."""
         maps = as_image_maps(heatmaps)
         K = len(maps)
         H, W = maps.size
@@ -169,14 +181,31 @@ class Postprocessor:
             if not maps.finite(k):
                 raise InputError(f"heatmaps [{k}] contain NaN or infinite values")
 
+        refiner = self.refine.for_image(image)
+        if refiner is not None and refiner.size != (H, W):
+            raise InputError(f"the image is {refiner.size[1]}x{refiner.size[0]} but its maps are {W}x{H}")
+
+        refined: dict[int, np.ndarray] = {}
+
         def instances(k: int):
-            h = minmax(maps.query(k), inplace=True)
+            h = minmax(refined.pop(k) if refiner is not None else maps.query(k), inplace=True)
             spec = self.class_thresholds.get(labels[k], self.threshold)
             found = find_instances(h, spec, instances=self.instances, min_area=min_area, opening=self.opening,
                                    closing=self.closing, fill_holes=self.fill_holes)
             return found, found.mean(h)
 
-        for k, (found, means) in _in_order(instances, active, threads=self.threads if H * W >= 2**20 else 1):
+        def in_order():
+            """``(k, (instances, means))`` of the active queries in order; refined maps are made a chunk of
+            queries at a time (one pass of the refiner for several maps, memory bounded by the chunk)."""
+            threads = self.threads if H * W >= 2**20 else 1
+            step = max(1, len(active) if refiner is None else REFINE_CHUNK_PIXELS // (H * W))
+            for i in range(0, len(active), step):
+                chunk = active[i : i + step]
+                if refiner is not None:
+                    refined.update(zip(chunk, refiner.refine_many(np.stack([maps.query(k) for k in chunk]))))
+                yield from _in_order(instances, chunk, threads=threads)
+
+        for k, (found, means) in in_order():
             tally["no_region"] += len(means) == 0
             tally["candidates"] += len(means)
             for j, ev in enumerate(means):

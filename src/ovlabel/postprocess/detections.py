@@ -25,6 +25,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ..errors import InputError
+from .rle import areas as rle_areas
 from .rle import decode
 
 
@@ -129,7 +130,7 @@ class Detections:
         self.labels = labels
         if n:
             self.boxes = np.asarray(mask_utils.toBbox(self._rles), dtype=np.float64).reshape(n, 4)
-            self.areas = np.asarray(mask_utils.area(self._rles), dtype=np.int64).reshape(n)
+            self.areas = rle_areas(self._rles)
         else:
             self.boxes, self.areas = np.zeros((0, 4)), np.zeros(0, dtype=np.int64)
         self.presence = None if presence is None else _vector("presence", presence, n)

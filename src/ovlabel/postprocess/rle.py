@@ -66,3 +66,11 @@ def decode(rles: dict | list[dict]) -> np.ndarray:
         warnings.filterwarnings("ignore", message=".*__array__ implementation doesn't accept a copy keyword",
                                 category=DeprecationWarning)
         return mask_utils.decode(rles)
+
+
+def areas(rles: list[dict]) -> np.ndarray:
+    """Pixel counts of compressed RLEs. ``pycocotools.mask.area`` fails for more than 255 RLEs at once
+    under NumPy 2 (it sizes a ``uint8`` array by their count), so they go in chunks."""
+    out = [np.asarray(mask_utils.area(rles[i : i + 255]), dtype=np.int64).reshape(-1)
+           for i in range(0, len(rles), 255)]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
