@@ -29,6 +29,8 @@ _LAZY = {
     "Detections": ".postprocess.detections",
     "ImageMaps": ".postprocess.geometry",
     "read_results": ".export.coco",
+    "read_image": ".pipeline.images",
+    "decode_item": ".pipeline.images",
     "compute_maps": ".legrad.explain",
     "list_methods": ".legrad.explain",
 }
@@ -59,6 +61,8 @@ __all__ = [
     "OvlabelError",
     "Pipeline",
     "UnsupportedModelError",
+    "decode_item",
+    "read_image",
     "__version__",
     "compute_maps",
     "list_methods",

@@ -1,0 +1,358 @@
+"""The Ray Data engine: ``ovlabel label --engine ray`` (``Pipeline.run(..., engine="ray")``).
+
+The driver plans the run exactly as the local engine does (inputs, ids, manifest, the batches without
+records) and finishes it the same way (``run.yaml``, the merge into the COCO files). In between, Ray Data
+streams the batches still to do through two stages:
+
+* **decode** — Ray tasks read and decode one ovlabel batch each with ovlabel's own decoder
+  (:func:`ovlabel.pipeline.images.decode_item`: by content, EXIF, alpha, 16-bit, size limits). This
+  module and the decoder do not import torch, so these workers stay small and start fast;
+* **label** — a pool of actors (:class:`Labeller`), each loading the model and encoding the queries
+  once, explains and post-processes a decoded batch (:meth:`Pipeline.label_batch`), writes its heatmaps
+  and overlays into the output folder (shared storage on a cluster; atomic writes, synced before the
+  records are returned) and returns the batch's records.
+
+The driver appends the records with ovlabel's record writer as they arrive (in any order: the merge is
+order-free), so ``--resume`` keeps its meaning: a killed driver resumes from the batches with records.
+One row of the Ray dataset is one ovlabel batch, so the labels equal the local engine's byte for byte.
+Ray restarts lost actors and retries lost tasks (Ray Data's defaults); a batch that arrives twice is
+appended twice and merged once (the merge keeps an image's last record).
+
+Resources: decode tasks request no CPU, so they can always be scheduled, even when the actors hold every
+CPU of the cluster (Ray Data otherwise waits forever for a read task that cannot start); the actors
+request ``cpus_per_actor`` (default: the cluster's CPUs shared among them) and ``gpus_per_actor``, and a
+cluster that cannot host the minimum number of actors is refused before any work.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+DECODE_CPUS = 0  # decode tasks never wait for a CPU that the actors hold
+RAY_RANGE = ">=2.50,<3"
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How the Ray engine places its work (see the module docstring)."""
+
+    address: str | None = None  # None: a local cluster sized to this machine; else join that cluster
+    actors: tuple[int, int] | None = None  # (min, max) actors; None: one per GPU, else one per 4 CPUs
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float | None = None  # None: the cluster's CPUs shared among the actors (1 with GPUs)
+    decode_concurrency: int | None = None  # decode tasks at once; None: 2 per actor
+
+    def __post_init__(self) -> None:
+        if self.actors is not None:
+            lo, hi = self.actors
+            if not 1 <= lo <= hi:
+                raise InputError(f"--actors must be N or MIN:MAX with 1 <= MIN <= MAX, got {lo}:{hi}")
+        if self.gpus_per_actor < 0:
+            raise InputError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
+        if self.cpus_per_actor is not None and self.cpus_per_actor <= 0:
+            raise InputError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
+
+
+def parse_actors(text: str) -> tuple[int, int]:
+    """``"N"`` → ``(N, N)``; ``"MIN:MAX"`` → ``(MIN, MAX)``."""
+    try:
+        parts = [int(p) for p in str(text).split(":")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
+        raise InputError(f"--actors must be N or MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
+    return parts[0], parts[1]
+
+
+@dataclass(frozen=True)
+class Sizing:
+    min_actors: int
+    max_actors: int
+    cpus: float
+    gpus: float
+    threads: int  # CPU threads of each actor's torch
+
+
+def size_actors(options: RayOptions, nodes: list[dict]) -> Sizing:
+    """The actors' resource requests on a cluster whose alive nodes have the resources ``nodes`` (Ray's
+    ``ray.nodes()[i]["Resources"]``). Refuses (``InputError``) what the cluster cannot host."""
+    cpu = sum(n.get("CPU", 0.0) for n in nodes)
+    gpu = sum(n.get("GPU", 0.0) for n in nodes)
+    g = float(options.gpus_per_actor)
+    if g > 0 and gpu < g:
+        raise InputError(f"--gpus-per-actor {g:g}: the Ray cluster has {gpu:g} GPU(s) on {len(nodes)} node(s), so "
+                         "not even one actor can be placed; use --gpus-per-actor 0 for CPU actors, or a cluster "
+                         "with GPUs")
+    if options.actors is not None:
+        lo, hi = options.actors
+    elif g > 0:
+        lo = hi = max(1, int(gpu // g))
+    else:
+        lo = hi = max(1, int(cpu // 4))
+    if options.cpus_per_actor is not None:
+        c = float(options.cpus_per_actor)
+    elif g > 0:
+        c = 1.0
+    else:
+        c = max(cpu / hi, 0.01)
+    fits = sum(int(min(n.get("CPU", 0.0) // c if c > 0 else hi,
+                       n.get("GPU", 0.0) // g if g > 0 else hi)) for n in nodes)
+    if fits < lo:
+        raise InputError(f"the Ray cluster ({cpu:g} CPU, {gpu:g} GPU on {len(nodes)} node(s)) can host {fits} "
+                         f"actor(s) of {c:g} CPU and {g:g} GPU, but --actors asks for at least {lo}; ask for "
+                         "fewer actors or smaller ones (--cpus-per-actor, --gpus-per-actor)")
+    return Sizing(lo, min(hi, max(fits, lo)), c, g, max(1, round(c)))
+
+
+def decode_batch(row: dict[str, Any]) -> dict[str, Any]:
+    """Ray task: decode one ovlabel batch (``items``: pickled ``ImageItem`` list) with ovlabel's decoder.
+    A bad image becomes a ``DecodedImage`` with its error, as in the local engine."""
+    from .images import decode_item
+
+    items = pickle.loads(row["items"])
+    decoded = [decode_item(it, int(row["max_pixels"]), row["max_aspect_ratio"]) for it in items]
+    return {"batch": row["batch"], "decoded": pickle.dumps(decoded, protocol=pickle.HIGHEST_PROTOCOL)}
+
+
+class Labeller:
+    """Ray actor: one model replica. Built once (model loaded, queries encoded, the run's settings
+    checked against the driver's manifest); called once per decoded batch. Its arguments travel in the
+    class (see :func:`labeller_for`): an actor that Ray restarts needs nothing from the object store."""
+
+    args: dict = {}
+
+    def __init__(self) -> None:
+        self._setup(**self.args)
+
+    def _setup(self, pipeline: type, config: dict, out_dir: str, categories: bytes, settings_sha256: str,
+               threads: int) -> None:
+        import torch
+
+        from ..config import load_config
+        from .manifest import digest
+
+        torch.set_num_threads(threads)
+        try:
+            import cv2
+
+            cv2.setNumThreads(threads)
+        except ImportError:  # pragma: no cover - OpenCV is a dependency
+            pass
+        self.pipe = pipeline(load_config(config))
+        self.categories = pickle.loads(categories)
+        qs, _, _ = self.pipe.queries(None, self.categories)
+        mine = digest(self.pipe.settings(qs))
+        if mine != settings_sha256:
+            raise InputError("this Ray worker's model or settings differ from the driver's (settings sha256 "
+                             f"{mine[:12]} vs {settings_sha256[:12]}): every node must see the same weights and "
+                             "ovlabel version")
+        self.out_dir = Path(out_dir)
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        import ray
+
+        from ..export.files import fsync_dir
+
+        decoded = pickle.loads(row["decoded"])
+        self.pipe.stats = {}
+        records = self.pipe.label_batch(decoded, self.out_dir, categories=self.categories)
+        for sub in self.pipe._extra_dirs(self.out_dir):  # outputs durable before their records
+            fsync_dir(sub)
+        return {"batch": row["batch"], "records": pickle.dumps(records, protocol=pickle.HIGHEST_PROTOCOL),
+                "stats": pickle.dumps(dict(self.pipe.stats)), "node": ray.get_runtime_context().get_node_id()}
+
+
+def labeller_for(**args: Any) -> type:
+    """A :class:`Labeller` subclass that carries ``args`` (pickled with the class by Ray)."""
+    return type("Labeller", (Labeller,), {"args": args, "__module__": __name__})
+
+
+def _connect_check() -> None:
+    """Refuse ``--engine ray`` without Ray installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise InputError("--engine ray needs Ray: pip install 'ovlabel[ray]'")
+
+
+def _connect(options: RayOptions) -> bool:
+    """Join ``options.address`` or start a local cluster (unless this process is already connected).
+    Returns whether this call connected (and so must disconnect)."""
+    try:
+        import ray
+    except ImportError:
+        raise InputError("--engine ray needs Ray: pip install 'ovlabel[ray]'") from None
+    if ray.is_initialized():
+        return False
+    quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
+             "configure_logging": True}
+    try:
+        if options.address:
+            ray.init(address=options.address, **quiet)
+        else:
+            ray.init(num_cpus=os.cpu_count() or 1, **quiet)
+    except ConnectionError as e:
+        raise InputError(f"cannot join the Ray cluster at {options.address!r}: {e}") from None
+    return True
+
+
+def _data_context() -> None:
+    import warnings
+
+    import ray.data
+
+    # Ray Data's own deprecation notices about settings ovlabel does not use
+    warnings.filterwarnings("ignore", message=r".*(deprecated|Deprecated).*", module=r"ray(\.|$)")
+    warnings.filterwarnings("ignore", message=r"`\w+` is deprecated")
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the driver shows one bar of its own
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def execute(pipe: Any, plan: Any, options: RayOptions) -> dict:
+    """Label ``plan.todo`` on Ray and append the records (the counterpart of ``Pipeline.execute``)."""
+    from ..errors import OutputError
+    from ..export.records import RecordWriter
+    from .manifest import digest
+
+    counts = {"images": sum(len(b) for b in plan.batches),
+              "resumed_skipped": sum(len(b) for b in plan.batches) - sum(len(b) for b in plan.todo),
+              "labelled": 0, "failed": 0, "detections": 0}
+    done_batches = len(plan.batches) - len(plan.todo)
+    if done_batches:
+        log.warning("resuming: %d of %d batches already have records and are not redone; labelling %d",
+                    done_batches, len(plan.batches), len(plan.todo))
+    stats: dict[str, int] = {}
+    nodes_used: set[str] = set()
+    connected = _connect(options)
+    try:
+        import ray
+        import ray.data
+
+        _data_context()
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        sizing = size_actors(options, nodes)
+        log.info("Ray: %d node(s); %d-%d actor(s) of %g CPU, %g GPU, %d thread(s)", len(nodes), sizing.min_actors,
+                 sizing.max_actors, sizing.cpus, sizing.gpus, sizing.threads)
+        cfg = pipe.cfg
+        rows = [{"batch": k, "items": pickle.dumps(b), "max_pixels": int(cfg.run.max_pixels),
+                 "max_aspect_ratio": cfg.run.max_aspect_ratio} for k, b in enumerate(plan.todo)]
+        from tqdm import tqdm
+
+        progress = tqdm(total=sum(len(b) for b in plan.todo), unit="img", disable=not cfg.run.progress,
+                        dynamic_ncols=True, desc=f"ovlabel{plan.tag} (ray)")
+        try:
+            with RecordWriter(plan.records) as writer:
+                if writer.torn_bytes:
+                    log.warning("%s ended with a partial record (%d bytes, cut off by an interruption); removed",
+                                plan.records, writer.torn_bytes)
+                if not rows:
+                    return {**counts, "postprocess": stats}
+                concurrency = options.decode_concurrency or 2 * sizing.max_actors
+                ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+                ds = ds.map(decode_batch, num_cpus=DECODE_CPUS,
+                            compute=ray.data.TaskPoolStrategy(size=max(1, concurrency)))
+                actor = labeller_for(pipeline=type(pipe), config=cfg.model_dump(exclude={"extends"}),
+                                     out_dir=str(plan.out_dir.absolute()),
+                                     categories=pickle.dumps(plan.queries.categories),
+                                     settings_sha256=digest(plan.manifest["settings"]), threads=sizing.threads)
+                ds = ds.map(actor, compute=ray.data.ActorPoolStrategy(min_size=sizing.min_actors,
+                                                                       max_size=sizing.max_actors),
+                            num_cpus=sizing.cpus, num_gpus=sizing.gpus or None)
+                for row in ds.iter_rows():
+                    records = pickle.loads(row["records"])
+                    writer.append(records)
+                    nodes_used.add(row["node"])
+                    for k, v in pickle.loads(row["stats"]).items():
+                        stats[k] = stats.get(k, 0) + int(v)
+                    for r in records:
+                        if "error" in r:
+                            counts["failed"] += 1
+                            log.warning("skipped %s: %s", r["image"]["file_name"], r["error"])
+                        else:
+                            counts["labelled"] += 1
+                            counts["detections"] += len(r["results"])
+                    progress.update(len(records))
+                    progress.set_postfix(failed=counts["failed"], dets=counts["detections"])
+        finally:
+            progress.close()
+    except OutputError as e:
+        raise OutputError(f"{e}\nthe images labelled so far are kept in {plan.records}; once the problem is "
+                          "fixed, rerun the same command with --resume") from None
+    except Exception as e:
+        cause = _root_cause(e)
+        if isinstance(cause, (InputError, OutputError)) and cause is not e:
+            raise type(cause)(f"{cause}\n(raised on a Ray worker; finished batches are kept in {plan.records}: "
+                              "rerun with --resume once fixed)") from None
+        raise
+    finally:
+        if connected:
+            import ray
+
+            ray.shutdown()
+    counts["postprocess"] = stats
+    counts["ray_nodes"] = sorted(nodes_used)  # the nodes whose actors labelled
+    return counts
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The user's exception behind Ray's wrappers (``RayTaskError(...).cause``, chained errors)."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        nxt = getattr(e, "cause", None) or e.__cause__
+        if nxt is None or not isinstance(nxt, BaseException):
+            break
+        e = nxt
+    return e
+
+
+def shard_from_environment(env: dict[str, str] | None = None) -> tuple[int, int]:
+    """``--shard auto``: ``(I, N)`` from the scheduler — a SLURM job array (``SLURM_ARRAY_TASK_ID`` minus
+    ``SLURM_ARRAY_TASK_MIN``, out of ``SLURM_ARRAY_TASK_COUNT``) or torchrun (``RANK`` of
+    ``WORLD_SIZE``)."""
+    env = dict(os.environ if env is None else env)
+
+    def ints(*names: str) -> list[int] | None:
+        if not all(env.get(n) not in (None, "") for n in names):
+            return None
+        try:
+            return [int(env[n]) for n in names]
+        except ValueError:
+            raise InputError("--shard auto: " + ", ".join(f"{n}={env[n]!r}" for n in names) +
+                             " are not integers") from None
+
+    slurm = ints("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
+    if slurm is not None:
+        first = ints("SLURM_ARRAY_TASK_MIN")
+        index, count = slurm[0] - (first[0] if first else 0), slurm[1]
+        step = ints("SLURM_ARRAY_TASK_STEP")
+        if step and step[0] != 1:
+            raise InputError(f"--shard auto: the SLURM array has a step of {step[0]}; use a contiguous array "
+                             "(--array=0-N) or pass --shard I/N")
+        source = "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT"
+    else:
+        torchrun = ints("RANK", "WORLD_SIZE")
+        if torchrun is None:
+            raise InputError("--shard auto found no scheduler in the environment (SLURM_ARRAY_TASK_ID and "
+                             "SLURM_ARRAY_TASK_COUNT of a SLURM job array, or RANK and WORLD_SIZE of torchrun); "
+                             "pass --shard I/N")
+        index, count = torchrun
+        source = "RANK/WORLD_SIZE"
+    if not (count >= 1 and 0 <= index < count):
+        raise InputError(f"--shard auto: {source} give shard {index} of {count}, which is not a valid shard")
+    return index, count

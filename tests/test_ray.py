@@ -1,0 +1,261 @@
+"""The Ray Data engine (``--engine ray``) on local clusters: byte-identical to the local engine, a killed
+actor or decode worker, a killed driver resumed, two nodes, the CPU-reservation deadlock, no GPU; and
+``--shard auto`` (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ovlabel import InputError
+from ovlabel.cli import main
+from ovlabel.pipeline.ray_engine import RayOptions, parse_actors, shard_from_environment, size_actors
+from test_pipeline import BASE, REAL, label, scenes
+
+ray = pytest.importorskip("ray", reason="the ray extra is part of the README's install")
+
+OUTPUTS = ("predictions.json", "dataset.json")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local 2-CPU cluster that the in-process runs join (as ``ray.init`` before ``ovlabel``)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _same_outputs(a: Path, b: Path, extra_dirs=()) -> None:
+    for name in OUTPUTS:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    for sub in extra_dirs:
+        fa, fb = sorted(p.name for p in (a / sub).iterdir()), sorted(p.name for p in (b / sub).iterdir())
+        assert fa == fb and fa, sub
+        for name in fa:
+            assert (a / sub / name).read_bytes() == (b / sub / name).read_bytes(), f"{sub}/{name}"
+
+
+def _records(out: Path) -> list[dict]:
+    path = out / "records" / "records.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_same_files_as_the_local_engine(cluster, tmp_path, capsys):
+    src = scenes(tmp_path / "in", 9)
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    common = [*BASE, "-q", "a", "-q", "b", "--batch-size", "2", "--save-heatmaps", "--overlays"]
+    label([str(src), *common, "--out", str(tmp_path / "local")], capsys)
+    label([str(src), *common, "--out", str(tmp_path / "ray"), "--engine", "ray"], capsys)
+    _same_outputs(tmp_path / "local", tmp_path / "ray", ("heatmaps", "overlays"))
+    run = yaml.safe_load((tmp_path / "ray" / "run.yaml").read_text())
+    assert run["counts"]["failed"] == 1 and run["counts"]["labelled"] == 9 and len(run["counts"]["ray_nodes"]) == 1
+    assert [f["file"] for f in run["failures"]] == ["broken.png"]
+    if REAL.is_dir():  # real files: EXIF, alpha, misleading extensions
+        common = [*BASE, "-q", "cat", "-q", "dog", "--batch-size", "3"]
+        label([str(REAL), *common, "--out", str(tmp_path / "real-local")], capsys)
+        label([str(REAL), *common, "--out", str(tmp_path / "real-ray"), "--engine", "ray"], capsys)
+        _same_outputs(tmp_path / "real-local", tmp_path / "real-ray")
+
+
+def test_decode_workers_do_not_import_torch(cluster, tmp_path):
+    import pickle
+
+    import ray.data
+
+    from ovlabel.pipeline.images import ImageItem
+    from ovlabel.pipeline.ray_engine import decode_batch
+
+    src = scenes(tmp_path / "in", 2)
+    items = [ImageItem(i, p, p.name) for i, p in enumerate(sorted(src.iterdir()))]
+    row = {"batch": 0, "items": pickle.dumps(items), "max_pixels": 10**8, "max_aspect_ratio": None}
+
+    def after(r):  # fused with decode_batch: runs in the same worker, right after it
+        decoded = pickle.loads(r["decoded"])
+        return {"torch": "torch" in sys.modules, "shapes": [d.image.shape for d in decoded]}
+
+    out = ray.data.from_items([row]).map(decode_batch, num_cpus=0).map(after, num_cpus=0).take_all()
+    assert out[0]["torch"] is False
+    assert len(out[0]["shapes"]) == 2
+
+
+def _ray_workers(title: str) -> list[int]:
+    """PIDs of this machine's processes whose title (Ray sets ``ray::<what it runs>``) contains ``title``."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if cmd.startswith("ray::") and title in cmd:
+                pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.parametrize("victim", ["Labeller", "decode_batch"])
+def test_killed_worker_run_completes_identically(cluster, tmp_path, capsys, victim):
+    if victim == "Labeller":
+        src = scenes(tmp_path / "in", 30)
+        after = 3  # records before the kill
+    else:  # photos large enough that decoding takes a while: a decode task is caught while it runs
+        import numpy as np
+        from PIL import Image
+
+        src = tmp_path / "in"
+        src.mkdir()
+        rng = np.random.default_rng(1)
+        for i in range(30):
+            Image.fromarray((rng.random((1200, 1600, 3)) * 255).astype(np.uint8)).save(src / f"p{i:02d}.jpg",
+                                                                                        quality=95)
+        after = 0
+    common = [str(src), *BASE, "-q", "a", "-q", "b", "--batch-size", "1"]
+    label([*common, "--out", str(tmp_path / "local")], capsys)
+    out = tmp_path / "ray"
+    result = {}
+    t = threading.Thread(target=lambda: result.update(code=main(["label", *common, "--out", str(out),
+                                                                 "--engine", "ray"])))
+    t.start()
+    killed = []
+    deadline = time.time() + 300
+    while t.is_alive() and time.time() < deadline and not killed:
+        if len(_records(out)) >= after:
+            for pid in _ray_workers(victim):
+                os.kill(pid, signal.SIGKILL)
+                killed.append((pid, len(_records(out))))
+        time.sleep(0.005)
+    t.join(600)
+    assert killed, f"no {victim} worker was found while the run was going on"
+    assert killed[0][1] < 30, "the worker must be killed mid-run"
+    assert result.get("code") == 0
+    _same_outputs(tmp_path / "local", out)
+
+
+def _driver(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ovlabel.cli", "label", *args], stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_killed_driver_resumes_without_redoing_batches(cluster, tmp_path, capsys, caplog):
+    src = scenes(tmp_path / "in", 24)
+    common = [str(src), *BASE, "-q", "a", "-q", "b", "--batch-size", "2", "--save-heatmaps"]
+    label([*common, "--out", str(tmp_path / "local")], capsys)
+    out = tmp_path / "ray"
+    proc = _driver([*common, "--out", str(out), "--engine", "ray"], tmp_path / "driver.log")
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and len(_records(out)) < 6:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local cluster it started: a crashed machine
+    proc.wait()
+    done = {r["image"]["id"] for r in _records(out)}
+    assert 6 <= len(done) < 24, (len(done), (tmp_path / "driver.log").read_text()[-2000:])
+    before = len(_records(out))
+    label([*common, "--out", str(out), "--engine", "ray", "--resume"], capsys)
+    finished_batches = len(done) // 2  # batches of 2, appended whole
+    assert f"resuming: {finished_batches} of 12 batches already have records and are not redone" in caplog.text
+    redone = [r["image"]["id"] for r in _records(out)[before:]]
+    assert not set(redone) & done and len(redone) == 24 - len(done)
+    _same_outputs(tmp_path / "local", out, ("heatmaps",))
+
+
+def test_work_crosses_nodes_of_a_two_node_cluster(tmp_path, capsys):
+    from ray.cluster_utils import Cluster
+
+    src = scenes(tmp_path / "in", 8)
+    common = [str(src), *BASE, "-q", "a", "-q", "b", "--batch-size", "2"]
+    label([*common, "--out", str(tmp_path / "local")], capsys)
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        c.add_node(num_cpus=2)
+        c.wait_for_nodes()
+        head = c.head_node.node_id
+        # an actor of 2 CPUs fits only on the second node; decode tasks may run on either
+        proc = _driver([*common, "--out", str(tmp_path / "ray"), "--engine", "ray", "--ray-address", c.address,
+                        "--cpus-per-actor", "2"], tmp_path / "driver.log")
+        assert proc.wait(300) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    finally:
+        c.shutdown()
+    run = yaml.safe_load((tmp_path / "ray" / "run.yaml").read_text())
+    assert run["counts"]["ray_nodes"] and head not in run["counts"]["ray_nodes"]
+    _same_outputs(tmp_path / "local", tmp_path / "ray")
+
+
+def test_actors_holding_every_cpu_do_not_deadlock(tmp_path, capsys):
+    """2 actors of 1 CPU on a 2-CPU cluster: Ray Data would wait forever for a decode task; ovlabel's
+    decode tasks need no CPU, so the run finishes."""
+    src = scenes(tmp_path / "in", 6)
+    common = [str(src), *BASE, "-q", "a", "--batch-size", "1"]
+    label([*common, "--out", str(tmp_path / "local")], capsys)
+    proc = _driver([*common, "--out", str(tmp_path / "ray"), "--engine", "ray", "--actors", "2", "--cpus-per-actor",
+                    "1"], tmp_path / "driver.log")
+    try:
+        assert proc.wait(300) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    _same_outputs(tmp_path / "local", tmp_path / "ray")
+
+
+def test_gpu_actors_on_a_cluster_without_gpus_fail_fast(cluster, tmp_path, capsys):
+    src = scenes(tmp_path / "in", 2)
+    t0 = time.time()
+    err = label([str(src), *BASE, "-q", "a", "--out", str(tmp_path / "o"), "--engine", "ray", "--gpus-per-actor", "1"],
+                capsys, 2)
+    assert time.time() - t0 < 60
+    assert "--gpus-per-actor 1: the Ray cluster has 0 GPU(s)" in err
+    err = label([str(src), *BASE, "-q", "a", "--out", str(tmp_path / "o2"), "--actors", "2"], capsys, 2)
+    assert "need --engine ray" in err
+
+
+def test_actor_sizing():
+    node = {"CPU": 2.0}
+    assert size_actors(RayOptions(), [node]) == size_actors(RayOptions(actors=(1, 1)), [node])
+    s = size_actors(RayOptions(), [node])
+    assert (s.min_actors, s.max_actors, s.cpus, s.threads) == (1, 1, 2.0, 2)
+    s = size_actors(RayOptions(actors=(1, 4)), [{"CPU": 8.0}, {"CPU": 8.0}])
+    assert s.cpus == 4.0 and s.max_actors == 4  # 16 CPUs shared by at most 4 actors
+    s = size_actors(RayOptions(gpus_per_actor=1), [{"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 1.0}])
+    assert (s.min_actors, s.max_actors, s.cpus, s.gpus) == (3, 3, 1.0, 1.0)
+    with pytest.raises(InputError, match="can host 1 actor"):
+        size_actors(RayOptions(actors=(2, 2), cpus_per_actor=1.5), [{"CPU": 2.0}])
+    with pytest.raises(InputError, match="0 GPU"):
+        size_actors(RayOptions(gpus_per_actor=0.5), [{"CPU": 2.0}])
+    assert parse_actors("3") == (3, 3) and parse_actors("1:4") == (1, 4)
+    for bad in ("0", "4:2", "x", "1:2:3"):
+        with pytest.raises(InputError, match="--actors"):
+            parse_actors(bad)
+
+
+def test_shard_auto_from_slurm_and_torchrun(tmp_path, capsys, monkeypatch):
+    assert shard_from_environment({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"}) == (3, 4)
+    assert shard_from_environment({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4",
+                                   "SLURM_ARRAY_TASK_MIN": "2"}) == (3, 4)
+    assert shard_from_environment({"RANK": "1", "WORLD_SIZE": "2"}) == (1, 2)
+    for env, msg in [({}, "found no scheduler"), ({"RANK": "2", "WORLD_SIZE": "2"}, "not a valid shard"),
+                     ({"RANK": "x", "WORLD_SIZE": "2"}, "not integers"),
+                     ({"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_STEP": "2"},
+                      "step of 2")]:
+        with pytest.raises(InputError, match=msg):
+            shard_from_environment(env)
+    src = scenes(tmp_path / "in", 5)
+    common = [str(src), *BASE, "-q", "a", "--batch-size", "2"]
+    label([*common, "--out", str(tmp_path / "single")], capsys)
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        label([*common, "--out", str(tmp_path / "shards"), "--shard", "auto"], capsys)
+    assert main(["merge", str(tmp_path / "shards"), "--out", str(tmp_path / "merged")]) == 0
+    for name in OUTPUTS:
+        merged, single = (json.loads((tmp_path / d / name).read_text()) for d in ("merged", "single"))
+        assert merged == single, name
