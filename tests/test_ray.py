@@ -34,6 +34,20 @@ def cluster():
     ray.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def _threads():
+    """The local references run with as many torch threads as the actors (``--threads``): torch's CPU
+    kernels sum in an order that depends on the thread count, so only equal counts give equal bytes."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+LOCAL2 = ["--threads", "2"]  # the default actor of a 2-CPU cluster runs 2 threads
+
+
 def _same_outputs(a: Path, b: Path, extra_dirs=()) -> None:
     for name in OUTPUTS:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
@@ -53,7 +67,7 @@ def test_same_files_as_the_local_engine(cluster, tmp_path, capsys):
     src = scenes(tmp_path / "in", 9)
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     common = [*BASE, "-q", "a", "-q", "b", "--batch-size", "2", "--save-heatmaps", "--overlays"]
-    label([str(src), *common, "--out", str(tmp_path / "local")], capsys)
+    label([str(src), *common, *LOCAL2, "--out", str(tmp_path / "local")], capsys)
     label([str(src), *common, "--out", str(tmp_path / "ray"), "--engine", "ray"], capsys)
     _same_outputs(tmp_path / "local", tmp_path / "ray", ("heatmaps", "overlays"))
     run = yaml.safe_load((tmp_path / "ray" / "run.yaml").read_text())
@@ -61,7 +75,7 @@ def test_same_files_as_the_local_engine(cluster, tmp_path, capsys):
     assert [f["file"] for f in run["failures"]] == ["broken.png"]
     if REAL.is_dir():  # real files: EXIF, alpha, misleading extensions
         common = [*BASE, "-q", "cat", "-q", "dog", "--batch-size", "3"]
-        label([str(REAL), *common, "--out", str(tmp_path / "real-local")], capsys)
+        label([str(REAL), *common, *LOCAL2, "--out", str(tmp_path / "real-local")], capsys)
         label([str(REAL), *common, "--out", str(tmp_path / "real-ray"), "--engine", "ray"], capsys)
         _same_outputs(tmp_path / "real-local", tmp_path / "real-ray")
 
@@ -118,7 +132,7 @@ def test_killed_worker_run_completes_identically(cluster, tmp_path, capsys, vict
                                                                                         quality=95)
         after = 0
     common = [str(src), *BASE, "-q", "a", "-q", "b", "--batch-size", "1"]
-    label([*common, "--out", str(tmp_path / "local")], capsys)
+    label([*common, *LOCAL2, "--out", str(tmp_path / "local")], capsys)
     out = tmp_path / "ray"
     result = {}
     t = threading.Thread(target=lambda: result.update(code=main(["label", *common, "--out", str(out),
@@ -148,7 +162,7 @@ def _driver(args: list[str], log: Path) -> subprocess.Popen:
 def test_killed_driver_resumes_without_redoing_batches(cluster, tmp_path, capsys, caplog):
     src = scenes(tmp_path / "in", 24)
     common = [str(src), *BASE, "-q", "a", "-q", "b", "--batch-size", "2", "--save-heatmaps"]
-    label([*common, "--out", str(tmp_path / "local")], capsys)
+    label([*common, *LOCAL2, "--out", str(tmp_path / "local")], capsys)
     out = tmp_path / "ray"
     proc = _driver([*common, "--out", str(out), "--engine", "ray"], tmp_path / "driver.log")
     deadline = time.time() + 300
@@ -172,7 +186,7 @@ def test_work_crosses_nodes_of_a_two_node_cluster(tmp_path, capsys):
 
     src = scenes(tmp_path / "in", 8)
     common = [str(src), *BASE, "-q", "a", "-q", "b", "--batch-size", "2"]
-    label([*common, "--out", str(tmp_path / "local")], capsys)
+    label([*common, *LOCAL2, "--out", str(tmp_path / "local")], capsys)
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
         c.add_node(num_cpus=2)
@@ -194,7 +208,7 @@ def test_actors_holding_every_cpu_do_not_deadlock(tmp_path, capsys):
     decode tasks need no CPU, so the run finishes."""
     src = scenes(tmp_path / "in", 6)
     common = [str(src), *BASE, "-q", "a", "--batch-size", "1"]
-    label([*common, "--out", str(tmp_path / "local")], capsys)
+    label([*common, "--threads", "1", "--out", str(tmp_path / "local")], capsys)  # actors of 1 CPU: 1 thread
     proc = _driver([*common, "--out", str(tmp_path / "ray"), "--engine", "ray", "--actors", "2", "--cpus-per-actor",
                     "1"], tmp_path / "driver.log")
     try:
