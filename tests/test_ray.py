@@ -52,7 +52,7 @@ def _same_outputs(a: Path, b: Path, extra_dirs=()) -> None:
     for name in OUTPUTS:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     for sub in extra_dirs:
-        fa, fb = sorted(p.name for p in (a / sub).iterdir()), sorted(p.name for p in (b / sub).iterdir())
+        fa, fb = ([str(p.relative_to(d / sub)) for p in sorted((d / sub).rglob("*")) if p.is_file()] for d in (a, b))
         assert fa == fb and fa, sub
         for name in fa:
             assert (a / sub / name).read_bytes() == (b / sub / name).read_bytes(), f"{sub}/{name}"
@@ -78,6 +78,28 @@ def test_same_files_as_the_local_engine(cluster, tmp_path, capsys):
         label([str(REAL), *common, *LOCAL2, "--out", str(tmp_path / "real-local")], capsys)
         label([str(REAL), *common, "--out", str(tmp_path / "real-ray"), "--engine", "ray"], capsys)
         _same_outputs(tmp_path / "real-local", tmp_path / "real-ray")
+
+
+def test_coco_gt_tiling_shifts_and_formats_behave_as_locally(cluster, tmp_path, capsys):
+    """The options the actors apply themselves: COCO ground truth (ids, sizes), tiles, shifts, dataset formats."""
+    from PIL import Image
+
+    src = scenes(tmp_path / "imgs", 4)
+    images = []
+    for i, p in enumerate(sorted(src.iterdir())):
+        w, h = Image.open(p).size
+        images.append({"id": 100 + 3 * i, "file_name": p.name, "width": w, "height": h})
+    gt = {"images": images, "categories": [{"id": 18, "name": "dog"}, {"id": 90, "name": "kite"}], "annotations": []}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    common = ["--coco-gt", str(tmp_path / "gt.json"), "--images-dir", str(src), *BASE, "--batch-size", "2",
+              "--set", "preprocess.size=32", "--set", "preprocess.tile.enabled=true", "--set", "explainer.shifts=2",
+              "--format", "masks-instance", "--format", "yolo-seg"]
+    label([*common, *LOCAL2, "--out", str(tmp_path / "local")], capsys)
+    label([*common, "--out", str(tmp_path / "ray"), "--engine", "ray"], capsys)
+    _same_outputs(tmp_path / "local", tmp_path / "ray", ("masks",))
+    ids = sorted(i["id"] for i in json.loads((tmp_path / "ray" / "dataset.json").read_text())["images"])
+    assert ids == [100, 103, 106, 109]
+    assert (tmp_path / "ray" / "yolo-seg" / "data.yaml").exists()
 
 
 def test_decode_workers_do_not_import_torch(cluster, tmp_path):
