@@ -252,6 +252,26 @@ def test_gpu_actors_on_a_cluster_without_gpus_fail_fast(cluster, tmp_path, capsy
     assert "need --engine ray" in err
 
 
+def test_driver_plans_on_the_cpu_for_gpu_actors(tmp_path, monkeypatch):
+    """With model.device cuda, the driver (text embeddings, settings, merge) stays on the CPU, so a head node
+    without a GPU can drive GPU actors; the actors get the configuration as given."""
+    from ovlabel import Pipeline
+    from ovlabel.pipeline import ray_engine
+
+    seen = {}
+
+    def fake_execute(planner, plan, options, config=None):
+        seen.update(planner=planner.cfg.model.device, actors=config.model.device, loaded=str(planner.model.device))
+        return planner.execute(plan)  # the batches, locally: what matters here is who planned
+
+    monkeypatch.setattr(ray_engine, "execute", fake_execute)
+    pipe = Pipeline.from_config(None, **{"model.name": BASE[1], "model.pretrained": "none", "model.device": "cuda",
+                                         "preprocess.size": 32, "run.progress": False, "run.workers": 0})
+    summary = pipe.run([str(scenes(tmp_path / "in", 2))], tmp_path / "out", queries=["a"], engine="ray")
+    assert seen == {"planner": "cpu", "actors": "cuda", "loaded": "cpu"}
+    assert summary["counts"]["labelled"] == 2
+
+
 def test_actor_sizing():
     node = {"CPU": 2.0}
     assert size_actors(RayOptions(), [node]) == size_actors(RayOptions(actors=(1, 1)), [node])

@@ -46,7 +46,7 @@ THRESHOLDS = [("max_fraction", v) for v in (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7,
     [("mean", None), ("otsu", None), ("quantile", 0.9), ("quantile", 0.95)]
 MIN_AREA_FRACTIONS = (0.0, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05)
 PRESENCE = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
-REFINERS = ("none", "pamr", "superpixels")
+SEARCHED_REFINERS = ("none", "pamr", "superpixels")  # crf: slow, and an optional extra
 MAP_CACHE_BYTES = 2 << 30  # normalised/refined maps kept in memory (beyond it they are recomputed)
 
 
@@ -136,7 +136,7 @@ class Calibrator:
             raise InputError(f"calibration needs labelled images: {heatmap_dir} holds {len(self.images)} "
                              "heatmap file(s)")
         self.root = root if root is not None and root.is_dir() else None
-        self.refiners = REFINERS if self.root is not None else ("none",)
+        self.refiners = SEARCHED_REFINERS if self.root is not None else ("none",)
         self._cands: dict[tuple, dict[int, list[Query]]] = {}
         self._maps: dict[tuple[int, str], np.ndarray] = {}
         self._cache_left = cache_bytes
@@ -249,14 +249,14 @@ class Calibrator:
         carries ``_uid``, the candidate's identity)."""
         pp = self.base.postprocess
         names = {c["name"] for c in self.gt.dataset["categories"]} & set(s.class_thresholds)
+        tables = {name: self.candidates(s.key(name)) for name in names}
+        default = self.candidates(s.key())
+        key_of = {name: s.key(name) for name in names}
         out = []
         for i in ids:
             im = self.images[i]
             H, W = im.size
             min_area = max(1, int(pp.min_area), int(np.ceil(s.min_area_fraction * H * W)))
-            tables = {name: self.candidates(s.key(name)) for name in names}
-            default = self.candidates(s.key())
-            key_of = {name: s.key(name) for name in names}
             qs = sorted([q for q in default[i] if q.label not in names]
                         + [q for name in names for q in tables[name][i] if q.label == name], key=lambda q: q.index)
             kept = []

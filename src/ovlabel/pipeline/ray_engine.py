@@ -223,8 +223,10 @@ def _data_context() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def execute(pipe: Any, plan: Any, options: RayOptions) -> dict:
-    """Label ``plan.todo`` on Ray and append the records (the counterpart of ``Pipeline.execute``)."""
+def execute(pipe: Any, plan: Any, options: RayOptions, config: Any = None) -> dict:
+    """Label ``plan.todo`` on Ray and append the records (the counterpart of ``Pipeline.execute``).
+    ``config``: the actors' configuration (default ``pipe.cfg``; the driver may plan on the CPU while the
+    actors use a GPU)."""
     from ..errors import OutputError
     from ..export.records import RecordWriter
     from .manifest import digest
@@ -266,7 +268,7 @@ def execute(pipe: Any, plan: Any, options: RayOptions) -> dict:
                 ds = ray.data.from_items(rows, override_num_blocks=len(rows))
                 ds = ds.map(decode_batch, num_cpus=DECODE_CPUS,
                             compute=ray.data.TaskPoolStrategy(size=max(1, concurrency)))
-                actor = labeller_for(pipeline=type(pipe), config=cfg.model_dump(exclude={"extends"}),
+                actor = labeller_for(pipeline=type(pipe), config=(config or cfg).model_dump(exclude={"extends"}),
                                      out_dir=str(plan.out_dir.absolute()),
                                      categories=pickle.dumps(plan.queries.categories),
                                      settings_sha256=digest(plan.manifest["settings"]), threads=sizing.threads)

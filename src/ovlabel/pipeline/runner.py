@@ -443,14 +443,21 @@ class Pipeline:
 
             options = ray if ray is not None else ray_engine.RayOptions()
             ray_engine._connect_check()  # Ray missing: say so before any work
-        plan = self.plan(inputs, out_dir, queries=queries, queries_file=queries_file, coco_gt=coco_gt,
-                         images_dir=images_dir, resume=resume, shard=shard, retry_failed=retry_failed,
-                         command=command)
+        planner = self
+        if engine == "ray" and self._backend is None and str(self.cfg.model.device).startswith("cuda"):
+            # the driver only plans (text embeddings, settings) and merges: on the CPU, so that a head node
+            # without a GPU can drive GPU actors; the actors load the model where Ray places them
+            cfg = self.cfg.model_copy(deep=True)
+            cfg.model.device = "cpu"
+            planner = type(self)(cfg)
+        plan = planner.plan(inputs, out_dir, queries=queries, queries_file=queries_file, coco_gt=coco_gt,
+                            images_dir=images_dir, resume=resume, shard=shard, retry_failed=retry_failed,
+                            command=command)
         if engine == "ray":
-            counts = ray_engine.execute(self, plan, options)
+            counts = ray_engine.execute(planner, plan, options, config=self.cfg)
         else:
             counts = self.execute(plan)
-        return self.finish(plan, counts)
+        return planner.finish(plan, counts)
 
     def plan(
         self,
