@@ -111,7 +111,6 @@ class Calibrator:
         else:
             self.base = load_config(None)
         self.gt = load_coco(gt)
-        self.gt_path = Path(gt)
         self.metric = metric
         self.min_instances = min_instances
         cats = Categories.from_coco(self.gt.dataset["categories"])

@@ -38,7 +38,6 @@ from ..errors import InputError
 log = logging.getLogger(__name__)
 
 DECODE_CPUS = 0  # decode tasks never wait for a CPU that the actors hold
-RAY_RANGE = ">=2.50,<3"
 
 
 @dataclass(frozen=True)
@@ -137,18 +136,14 @@ class Labeller:
 
     def _setup(self, pipeline: type, config: dict, out_dir: str, categories: bytes, settings_sha256: str,
                threads: int) -> None:
+        import cv2
         import torch
 
         from ..config import load_config
         from .manifest import digest
 
         torch.set_num_threads(threads)
-        try:
-            import cv2
-
-            cv2.setNumThreads(threads)
-        except ImportError:  # pragma: no cover - OpenCV is a dependency
-            pass
+        cv2.setNumThreads(threads)
         self.pipe = pipeline(load_config(config))
         self.categories = pickle.loads(categories)
         qs, _, _ = self.pipe.queries(None, self.categories)
@@ -189,10 +184,9 @@ def _connect_check() -> None:
 def _connect(options: RayOptions) -> bool:
     """Join ``options.address`` or start a local cluster (unless this process is already connected).
     Returns whether this call connected (and so must disconnect)."""
-    try:
-        import ray
-    except ImportError:
-        raise InputError("--engine ray needs Ray: pip install 'ovlabel[ray]'") from None
+    _connect_check()
+    import ray
+
     if ray.is_initialized():
         return False
     quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
