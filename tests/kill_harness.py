@@ -2,9 +2,10 @@
 forked child process, so that tests can SIGKILL real processes at many points without paying the
 seconds-long import each time.
 
-Protocol (one JSON object per line on stdin): ``{"argv": [...], "log": path, "fsize": bytes or null}``.
-For each, the zygote forks a child that runs ``ovlabel.cli.main(argv)`` with its stdout and stderr in the
-file ``log`` (and ``RLIMIT_FSIZE`` set when ``fsize`` is given) and prints ``pid <PID>``; once the child
+Protocol (one JSON object per line on stdin): ``{"argv": [...], "log": path, "fsize": bytes or null,
+"env": {...} or absent}``. For each, the zygote forks a child that runs ``ovlabel.cli.main(argv)`` with its
+stdout and stderr in the file ``log`` (``RLIMIT_FSIZE`` set when ``fsize`` is given, ``env`` added to its
+environment — e.g. ``OVLABEL_FAULT`` to kill it at a chosen point) and prints ``pid <PID>``; once the child
 has ended it prints ``exit <status>`` (negative: killed by that signal). Nothing computes in the zygote
 before it forks, so no thread pool is inherited.
 """
@@ -34,6 +35,7 @@ for line in sys.stdin:
             log = os.open(cmd["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             os.dup2(log, 1)
             os.dup2(log, 2)
+            os.environ.update(cmd.get("env") or {})
             if cmd.get("fsize") is not None:
                 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the limit, write() fails with EFBIG
                 resource.setrlimit(resource.RLIMIT_FSIZE, (cmd["fsize"], cmd["fsize"]))

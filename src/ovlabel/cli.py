@@ -13,6 +13,7 @@ import shlex
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .errors import InputError, OvlabelError
@@ -90,15 +91,26 @@ def _parse_shard(text: str) -> tuple[int, int] | str:
     return i, n
 
 
-def _export_overrides(args: argparse.Namespace) -> list[str]:
-    sets = []
+def _export_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """Config overrides of the export flags, as ``(key, value)`` pairs: flag values are taken verbatim,
+    never parsed as YAML (only ``--set`` is)."""
+    sets: list[tuple[str, Any]] = []
     if args.masks:
-        sets.append(f"export.masks={args.masks}")
+        sets.append(("export.masks", args.masks))
     if args.formats:
-        sets.append("export.formats=[" + ", ".join(args.formats) + "]")
+        sets.append(("export.formats", list(args.formats)))
     if args.dataset_min_score is not None:
-        sets.append(f"export.dataset_min_score={args.dataset_min_score}")
+        sets.append(("export.dataset_min_score", args.dataset_min_score))
     return sets
+
+
+def _layers(text: str | None) -> Any:
+    """``--layers``: ``all``, ``last``, ``-n`` or ``[i, j]`` (a YAML value)."""
+    if text is None:
+        return None
+    from .config import parse_yaml
+
+    return parse_yaml(text, "--layers")
 
 
 def _queries(args: argparse.Namespace) -> list[str] | None:
@@ -116,22 +128,23 @@ def _queries(args: argparse.Namespace) -> list[str] | None:
     return names or None
 
 
-def _label_overrides(args: argparse.Namespace) -> list[str]:
-    sets = list(args.set)
+def _label_overrides(args: argparse.Namespace) -> list[str | tuple[str, Any]]:
+    """``--set`` items (YAML values), then the flags as verbatim ``(key, value)`` pairs: a path such as
+    ``--onnx-dir 'exports/E #2'`` stays that path."""
+    sets: list[str | tuple[str, Any]] = list(args.set)
     pairs = [("model.name", args.model), ("model.pretrained", args.pretrained), ("model.device", args.device),
              ("model.backend", args.backend), ("model.onnx_dir", args.onnx_dir),
-             ("model.precision", args.precision), ("explainer.method", args.method), ("explainer.layers", args.layers),
+             ("model.precision", args.precision), ("explainer.method", args.method),
+             ("explainer.layers", _layers(args.layers)),
              ("preprocess.size", args.size), ("run.batch_size", args.batch_size), ("run.workers", args.workers)]
-    for key, value in pairs:
-        if value is not None:
-            sets.append(f"{key}={value}")
+    sets += [(key, value) for key, value in pairs if value is not None]
     for key, flag in (("export.heatmaps", args.save_heatmaps), ("export.overlays", args.overlays),
                       ("run.strict", args.strict)):
         if flag:
-            sets.append(f"{key}=true")
+            sets.append((key, True))
     sets += _export_overrides(args)
     if args.no_progress or getattr(args, "quiet", False):
-        sets.append("run.progress=false")
+        sets.append(("run.progress", False))
     return sets
 
 
@@ -214,19 +227,17 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     from .config import load_config
     from .export.onnx import export_onnx
 
-    sets = list(args.set)
+    sets: list[str | tuple[str, Any]] = list(args.set)
     if args.model:
-        sets.append(f"model.name={args.model}")
+        sets.append(("model.name", args.model))
     if args.pretrained:
-        sets.append(f"model.pretrained={args.pretrained}")
+        sets.append(("model.pretrained", args.pretrained))
+    if args.layers is not None:
+        sets.append(("explainer.layers", _layers(args.layers)))
     cfg = load_config(args.config, sets)
     if args.threads is not None:
         _set_threads(args.threads)
-    layers = None
-    if args.layers is not None:
-        import yaml
-
-        layers = yaml.safe_load(args.layers)
+    layers = cfg.explainer.layers  # the config's blocks, as `label` with the same config asks for them
     r = export_onnx(cfg.model.name, cfg.model.pretrained, args.out, methods=args.method or None, layers=layers,
                     size=args.size, dynamic_size=args.dynamic_size, opset=args.opset, fp16=args.fp16, config=cfg)
     print(f"exported {', '.join(r.files)} and model.json -> {args.out}")
@@ -564,6 +575,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # file names of undecodable bytes print escaped, never crash
+        if hasattr(stream, "reconfigure") and getattr(stream, "errors", None) == "strict":
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

@@ -9,6 +9,7 @@ name or a path), whose values it overrides.
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -192,16 +193,100 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+# ------------------------------------------------------------------------------------- bounded YAML
+MAX_YAML_BYTES = 16 * 2**20  # a config or run file larger than this is refused unread
+MAX_YAML_VALUES = 200_000  # values a document may expand to, aliases counted as what they stand for
+
+
+def read_text_file(path: str | Path, what: str, *, limit: int = MAX_YAML_BYTES, error: type = ConfigError) -> str:
+    """The UTF-8 text of a regular file of at most ``limit`` bytes. FIFOs, devices (``/dev/zero``) and
+    folders are refused without being read, so that a bad path can neither block nor fill the memory."""
+    import os
+    import stat
+
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise error(f"{what} {path} cannot be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{what} {path} is not a regular file (a folder, FIFO or device); expected a YAML file")
+    if st.st_size > limit:
+        raise error(f"{what} {path} is {st.st_size / 2**20:.1f} MiB, more than the limit of {limit / 2**20:.0f} MiB "
+                    "for a YAML file")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as e:
+        raise error(f"{what} {path} cannot be read ({e.strerror or e})") from None
+    if len(raw) > limit:
+        raise error(f"{what} {path} is larger than the limit of {limit / 2**20:.0f} MiB for a YAML file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{what} {path} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+
+
+def parse_yaml(text: str, source: str, *, error: type = ConfigError, max_values: int = MAX_YAML_VALUES) -> Any:
+    """``yaml.safe_load`` with bounded work: the document is composed first, and refused when its values,
+    aliases expanded, number more than ``max_values`` (an alias bomb of a few hundred bytes stands for
+    billions of values) or when an alias refers to itself."""
+    try:
+        return _load_bounded(text, source, error, max_values)
+    except yaml.YAMLError as e:
+        raise error(f"{source} is not valid YAML: {e}") from None
+
+
+def _load_bounded(text: str, source: str, error: type, max_values: int = MAX_YAML_VALUES) -> Any:
+    """:func:`parse_yaml` letting ``yaml.YAMLError`` through (for callers that fall back on the text)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _count_values(node, source, error, max_values)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise error(f"{source}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _count_values(root: yaml.Node, source: str, error: type, limit: int) -> int:
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise error(f"{source}: a YAML alias refers to a value that contains it (a recursive document)")
+        open_nodes.add(key)
+        n = 1
+        if isinstance(node, yaml.SequenceNode):
+            n += sum(size(v) for v in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            n += sum(size(k) + size(v) for k, v in node.value)
+        open_nodes.discard(key)
+        if n > limit:
+            raise error(f"{source}: the YAML document expands to more than {limit:,} values (aliases counted as "
+                        "what they stand for); refused as a YAML alias bomb")
+        sizes[key] = n
+        return n
+
+    return size(root)
+
+
 def _read_yaml(source: str | Path) -> dict:
     path = Path(source)
     if not path.exists() and not path.suffix and (PRESET_DIR / f"{source}.yaml").exists():
         path = PRESET_DIR / f"{source}.yaml"
-    if not path.exists():
+    if not os.path.lexists(path):
         raise ConfigError(f"config file {source} does not exist; shipped presets: {', '.join(list_presets())}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    data = parse_yaml(read_text_file(path, "config file"), f"config file {path}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
     if data.get("extends"):
@@ -222,19 +307,25 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` → (["a","b","c"], YAML-parsed value)."""
+def parse_override(item: str | tuple[str, Any]) -> tuple[list[str], Any]:
+    """``a.b.c=value`` → (["a","b","c"], YAML-parsed value). A ``(key, value)`` pair is taken verbatim
+    (what command-line flags that name a path or a name give: never parsed as YAML)."""
+    if isinstance(item, tuple):
+        key, value = item
+        return str(key).split("."), value
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError:
+        value = _load_bounded(raw, f"override {key.strip()}", ConfigError) if raw != "" else None
+    except yaml.YAMLError:  # not YAML: the text itself
         value = raw
     return key.strip().split("."), value
 
 
-def apply_overrides(data: dict, overrides: dict | list[str] | None) -> dict:
+def apply_overrides(data: dict, overrides: dict | list[str | tuple[str, Any]] | None) -> dict:
+    """Dotted overrides on a config mapping: ``KEY=VALUE`` strings (the value parsed as YAML, as ``--set``
+    does), ``(KEY, value)`` pairs (verbatim) or a ``{KEY: value}`` dict (verbatim)."""
     if not overrides:
         return data
     items = [parse_override(o) for o in overrides] if isinstance(overrides, list) else \

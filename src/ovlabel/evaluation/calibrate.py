@@ -36,6 +36,7 @@ import numpy as np
 
 from ..config import Config, load_config
 from ..errors import InputError
+from ..export.files import contained
 from ..export.heatmaps import list_heatmap_files, load_heatmaps
 from ..postprocess import ThresholdSpec
 from ..postprocess.refine import RefineSpec
@@ -99,7 +100,7 @@ class Calibrator:
                  metric: str = "segm-ap", min_instances: int = 10, cache_bytes: int = MAP_CACHE_BYTES) -> None:
         from ..export.categories import Categories
         from ..export.coco import load_coco
-        from ..pipeline.offline import source_run
+        from ..pipeline.offline import check_cache_against_gt, source_run
 
         if metric not in METRICS:
             raise InputError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -118,14 +119,10 @@ class Calibrator:
         if images is not None and not root.is_dir():
             raise InputError(f"the images folder {root} does not exist")
         self.images: dict[int, Image] = {}
-        for f in list_heatmap_files(heatmap_dir):
-            rec = load_heatmaps(f)
-            img = self.gt.imgs.get(rec.image_id)
-            if img is None:
-                raise InputError(f"{f}: image {rec.image_id} is not in {gt}")
-            if (img.get("height"), img.get("width")) != rec.size:
-                raise InputError(f"{f}: heatmaps are {rec.size[1]}x{rec.size[0]}, {gt} says {img.get('width')}x"
-                                 f"{img.get('height')}")
+        for f in list_heatmap_files(heatmap_dir):  # FIFOs and other non-files skipped, with a warning
+            rec = load_heatmaps(f, max_pixels=self.base.run.max_pixels)
+            check_cache_against_gt(f, rec, self.gt, gt)  # id, size and file name: another run's caches refused
+            img = self.gt.imgs[rec.image_id]
             if rec.image_id in self.images:
                 raise InputError(f"{f}: image {rec.image_id} has two heatmap files")
             ids = [cats.id_of(q, source=f"{f}: field 'queries'") for q in rec.queries]
@@ -151,10 +148,11 @@ class Calibrator:
         if im.pixels is None:
             from ..pipeline.images import ImageReadError, read_image
 
+            path = contained(self.root, im.file_name)  # a ground-truth name never leads a read elsewhere
             try:
-                im.pixels = read_image(self.root / im.file_name)
+                im.pixels = read_image(path)
             except ImageReadError as e:
-                raise InputError(f"{self.root / im.file_name}: {e} (the refinement search needs the images; "
+                raise InputError(f"{path}: {e} (the refinement search needs the images; "
                                  "leave --images out to search without it)") from None
             if im.pixels.shape[:2] != im.size:
                 raise InputError(f"{self.root / im.file_name} is {im.pixels.shape[1]}x{im.pixels.shape[0]} but "

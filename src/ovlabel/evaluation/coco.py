@@ -42,6 +42,16 @@ def results_for(results: list[dict], iou_type: str) -> list[dict]:
     return out
 
 
+def image_sizes(gt: COCO) -> dict[int, tuple[int, int]]:
+    """``image id → (height, width)`` of the ground-truth images that give both."""
+    out = {}
+    for i, img in gt.imgs.items():
+        h, w = img.get("height"), img.get("width")
+        if isinstance(h, int) and isinstance(w, int):
+            out[i] = (h, w)
+    return out
+
+
 def _empty_results(gt: COCO) -> COCO:
     dt = COCO()
     dt.dataset = {"images": copy.deepcopy(gt.dataset["images"]), "categories": copy.deepcopy(gt.dataset["categories"]),
@@ -79,7 +89,7 @@ def evaluate(gt: COCO | str | Path, results: list[dict] | str | Path,
                           f"truth lacks (ids {unknown[:10]}{', …' if len(unknown) > 10 else ''}); they are left out "
                           "of the evaluation", stacklevel=2)
             results = kept
-    check_results(results, gt.getImgIds(), gt.getCatIds(), source)
+    check_results(results, gt.getImgIds(), gt.getCatIds(), source, sizes=image_sizes(gt))
     out = {}
     for iou_type in iou_types:
         if iou_type not in IOU_TYPES:

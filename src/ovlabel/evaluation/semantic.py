@@ -154,6 +154,10 @@ class ClassIoU:
                 "per_class": per_class}
 
 
+def _known(image_id, gt) -> bool:
+    return isinstance(image_id, int) and image_id in gt.imgs
+
+
 def semantic_evaluation(gt, results: list[dict], *, heatmap_dir=None, score_threshold: float = 0.5) -> dict:
     """Semantic metrics of a run against a COCO ground truth (``pycocotools.coco.COCO``).
 
@@ -162,9 +166,18 @@ def semantic_evaluation(gt, results: list[dict], *, heatmap_dir=None, score_thre
     * ``maps`` (with ``heatmap_dir``): FG/BG metrics (mean threshold and 0.5) and the pointing game of
       each cached map whose query is a category present in the image.
     """
+    from ..export.coco import check_results
     from ..export.heatmaps import list_heatmap_files, load_heatmaps
+    from ..pipeline.offline import check_cache_against_gt
     from ..postprocess.rle import decode
+    from .coco import image_sizes
     from .faithfulness import pointing_game
+
+    # results of images the ground truth lacks are left out (as ``evaluate(unknown_images="warn")`` does);
+    # the others are checked, geometry included, before any mask is decoded
+    if isinstance(results, list):
+        results = [r for r in results if not isinstance(r, dict) or _known(r.get("image_id"), gt)]
+    results = check_results(results, gt.getImgIds(), gt.getCatIds(), "results", sizes=image_sizes(gt))
 
     by_image: dict[int, list[dict]] = {}
     for r in results:
@@ -197,6 +210,7 @@ def semantic_evaluation(gt, results: list[dict], *, heatmap_dir=None, score_thre
             g = gt_masks.get(rec.image_id)
             if g is None:
                 continue
+            check_cache_against_gt(f, rec, gt, "the ground truth")
             maps = rec.maps
             for k, q in enumerate(rec.queries):
                 if q in g:

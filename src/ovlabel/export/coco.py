@@ -29,7 +29,7 @@ from pycocotools.coco import COCO
 from ..errors import CocoFormatError, InputError
 from ..postprocess.detections import Detections
 from ..postprocess.rle import decode
-from .files import atomic_write, write_json
+from .files import atomic_write, file_kind, write_json
 
 POLYGON_MIN_IOU = 0.98
 PNG_MAX_VALUE = 65535
@@ -48,6 +48,9 @@ def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = None) 
 
 def read_json(path: str | Path, what: str) -> Any:
     path = Path(path)
+    kind = file_kind(path)
+    if kind not in (None, "missing"):
+        raise CocoFormatError(f"{what} file {path} is not a regular file ({kind}); never opened")
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -140,8 +143,12 @@ def read_results(results: str | Path | list[dict], gt: COCO | str | Path | None 
     return out
 
 
-def check_results(results: Any, image_ids: Iterable[int], category_ids: Iterable[int], source: str) -> list[dict]:
-    """Structural checks of a results list and of its ids against the ground truth."""
+def check_results(results: Any, image_ids: Iterable[int], category_ids: Iterable[int], source: str,
+                  sizes: dict[int, tuple[int, int]] | None = None) -> list[dict]:
+    """Structural checks of a results list and of its ids against the ground truth; with ``sizes``
+    (image id → ``(height, width)``), the geometry too: boxes of finite numbers with ``w, h >= 0``, RLE of
+    the image's size whose runs cover it exactly, polygons of finite ``x, y`` pairs — a result that would
+    be scored on garbage (or crash the decoder) is refused, naming it."""
     if not isinstance(results, list):
         raise CocoFormatError(f"{source}: COCO results are a JSON list of detections, got {type(results).__name__}")
     images, cats = set(image_ids), set(category_ids)
@@ -156,18 +163,101 @@ def check_results(results: Any, image_ids: Iterable[int], category_ids: Iterable
             raise CocoFormatError(f"{source}: results[{i}] has neither 'bbox' nor 'segmentation'")
         if "bbox" in r and (not isinstance(r["bbox"], list) or len(r["bbox"]) != 4):
             raise CocoFormatError(f"{source}: results[{i}].bbox must be [x, y, w, h]")
-        if not isinstance(r["score"], (int, float)) or not np.isfinite(r["score"]):
+        if isinstance(r["score"], bool) or not isinstance(r["score"], (int, float)) or not np.isfinite(r["score"]):
             raise CocoFormatError(f"{source}: results[{i}].score must be a finite number")
-        if r["image_id"] not in images:
-            bad_img.add(r["image_id"])
-        if r["category_id"] not in cats:
-            bad_cat.add(r["category_id"])
+        if not _hashable(r["image_id"]) or r["image_id"] not in images:
+            bad_img.add(repr(r["image_id"]) if not _hashable(r["image_id"]) else r["image_id"])
+        elif sizes is not None and r["image_id"] in sizes:
+            problem = geometry_problem(r, sizes[r["image_id"]])
+            if problem:
+                raise CocoFormatError(f"{source}: results[{i}] (image {r['image_id']}): {problem}")
+        if not _hashable(r["category_id"]) or r["category_id"] not in cats:
+            bad_cat.add(repr(r["category_id"]) if not _hashable(r["category_id"]) else r["category_id"])
     if bad_img:
-        raise CocoFormatError(f"{source}: field 'image_id' has ids not in the ground truth: {sorted(bad_img)[:20]}")
+        raise CocoFormatError(f"{source}: field 'image_id' has ids not in the ground truth: "
+                              f"{sorted(bad_img, key=str)[:20]}")
     if bad_cat:
         raise CocoFormatError(f"{source}: field 'category_id' has ids not in the ground truth: "
-                              f"{sorted(bad_cat)[:20]} (valid: {sorted(cats)[:20]})")
+                              f"{sorted(bad_cat, key=str)[:20]} (valid: {sorted(cats)[:20]})")
     return results
+
+
+def _hashable(v: Any) -> bool:
+    return isinstance(v, (int, str, float)) and not isinstance(v, bool)
+
+
+def _finite_numbers(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) \
+        and bool(np.isfinite(np.asarray(v, dtype=np.float64)).all())
+
+
+def geometry_problem(r: dict, size: tuple[int, int]) -> str | None:
+    """What is wrong with a result's box or segmentation on an image of ``size`` ``(height, width)``."""
+    H, W = size
+    if "bbox" in r:
+        if not _finite_numbers(r["bbox"]):
+            return f"bbox {r['bbox']!r} must be 4 finite numbers [x, y, w, h]"
+        if r["bbox"][2] < 0 or r["bbox"][3] < 0:
+            return f"bbox {r['bbox']!r} has a negative width or height"
+    if "area" in r and (isinstance(r["area"], bool) or not isinstance(r["area"], (int, float))
+                        or not np.isfinite(r["area"]) or r["area"] < 0):
+        return f"area {r['area']!r} must be a finite number >= 0"
+    if "segmentation" not in r:
+        return None
+    seg = r["segmentation"]
+    if isinstance(seg, dict):
+        size_ = seg.get("size")
+        if not (isinstance(size_, list) and len(size_) == 2 and all(isinstance(v, int) for v in size_)):
+            return f"segmentation size {size_!r} must be [height, width]"
+        if tuple(size_) != (H, W):
+            return f"mask size {size_} differs from the image size {[H, W]} (height, width)"
+        counts = seg.get("counts")
+        runs = _rle_runs(counts)
+        if runs is None:
+            return "segmentation counts are not RLE (a compressed string or a list of run lengths)"
+        if (runs < 0).any() or int(runs.sum()) != H * W:
+            return f"segmentation RLE runs cover {int(runs.sum())} pixels, not the image's {H * W}"
+        return None
+    if isinstance(seg, list):
+        if not seg or not all(_finite_numbers(p) and len(p) >= 6 and len(p) % 2 == 0 for p in seg):
+            return "segmentation polygons must be lists of at least 3 finite (x, y) pairs"
+        return None
+    return f"segmentation must be RLE or polygons, got {type(seg).__name__}"
+
+
+def _rle_runs(counts: Any) -> np.ndarray | None:
+    """The run lengths of RLE ``counts``: a list of ints, or pycocotools' compressed string (decoded as
+    its ``rleFrString`` does, vectorised); ``None`` when it is neither."""
+    if isinstance(counts, list):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
+            return None
+        return np.asarray(counts, dtype=np.int64) if counts else np.zeros(0, np.int64)
+    if isinstance(counts, bytes):
+        try:
+            counts = counts.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    if not isinstance(counts, str):
+        return None
+    c = np.frombuffer(counts.encode("latin-1", errors="replace"), dtype=np.uint8).astype(np.int64) - 48
+    if c.size == 0:
+        return np.zeros(0, np.int64)
+    if ((c < 0) | (c > 63)).any() or c[-1] & 0x20:
+        return None  # characters outside the alphabet, or a number cut short
+    ends = np.flatnonzero((c & 0x20) == 0)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    k = np.arange(c.size) - np.repeat(starts, ends - starts + 1)
+    if k.max() > 11:
+        return None  # a run longer than 2^60: not an image
+    x = np.add.reduceat((c & 0x1F) << (5 * k), starts)
+    sign = (c[ends] & 0x10) != 0
+    x = np.where(sign, x | (-1 << (5 * (k[ends] + 1))), x)
+    out = x.copy()
+    for parity in (1, 0):  # runs m > 2 are deltas to run m - 2
+        idx = np.arange(3 if parity else 4, x.size, 2)
+        if idx.size:
+            out[idx] = out[idx - 2][0] + np.cumsum(x[idx])
+    return out
 
 
 # -------------------------------------------------------------------------------------------- dataset

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,6 +26,24 @@ from typing import IO, Any
 from ..errors import InputError, OutputError
 
 SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+FAULT_ENV = "OVLABEL_FAULT"  # "STAGE:N": SIGKILL this process at the N-th pass of a stage (crash tests)
+_fault_counts: dict[str, int] = {}
+
+
+def fault_point(stage: str, count: int = 1) -> None:
+    """Fault injection for the crash tests: with ``OVLABEL_FAULT=STAGE:N`` in the environment, the process
+    kills itself (SIGKILL, as a crash or an OOM kill would) once ``stage`` has been passed ``N`` times in
+    it (``count`` passes per call), so that a test chooses exactly where a run dies — inside a batch, after
+    an append, during the final merge — whatever the machine's load. Unset, it costs one lookup."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or not spec.startswith(stage + ":"):
+        return
+    done = _fault_counts.get(stage, 0) + count
+    _fault_counts[stage] = done
+    if done >= int(spec.split(":", 1)[1]):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")
 
 
@@ -54,6 +73,70 @@ def output_stem(image_id: int, file_name: str) -> str:
     stem = Path(file_name).stem
     stem = re.sub(r"[^\w.\-]+", "_", stem, flags=re.UNICODE).strip("._") or "image"
     return f"{int(image_id):06d}_{stem[:80]}"
+
+
+def file_kind(path: Path) -> str | None:
+    """``None`` for a regular file (or a symlink to one); otherwise what the entry is."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a broken symlink" if os.path.islink(path) else "missing"
+    except OSError as e:
+        return "a symlink loop" if e.errno == errno.ELOOP else f"unreadable ({e.strerror or e})"
+    if stat.S_ISREG(mode):
+        return None
+    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def relative_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a file name relative to a folder (``None`` when it can): not a non-empty
+    string, absolute (``/x``, ``C:\\x``, ``\\\\server``), a NUL byte, or ``..`` parts that lead out."""
+    if not isinstance(name, str) or not name:
+        return f"file name {name!r} is not a non-empty string"
+    if "\0" in name:
+        return f"file name {name!r} holds a NUL byte"
+    if os.path.isabs(name) or name.startswith(("\\", "/")) or re.match(r"^[A-Za-z]:[/\\]", name):
+        return f"file name {name!r} is an absolute path; expected a name relative to the images folder"
+    parts = [p for p in re.split(r"[/\\]+", name) if p not in ("", ".")]
+    if not parts or parts[-1] == ".." or name.endswith(("/", "\\")):
+        return f"file name {name!r} does not name a file"
+    depth = 0
+    for part in parts:
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return f"file name {name!r} leads outside its folder"
+        else:
+            depth += 1
+    return None
+
+
+def contained(base: str | Path, name: str, *, for_writing: bool = False) -> Path:
+    """``base / name`` when ``name`` is a relative name that stays inside ``base``; otherwise an
+    :class:`InputError` naming the problem — a name read from a file never leads a read, write, link or
+    unlink elsewhere. ``for_writing`` also resolves the folders on the way (a symbolic link to a folder
+    elsewhere is refused) — for paths ovlabel writes, links or removes."""
+    problem = relative_name_problem(name)
+    if problem is not None:
+        raise InputError(problem)
+    base = Path(base)
+    path = Path(os.path.normpath(os.path.join(os.path.abspath(base), name)))
+    if for_writing:
+        top = Path(os.path.abspath(base))
+        parent = path.parent
+        while not os.path.lexists(parent) and parent != top:
+            parent = parent.parent
+        if not os.path.lexists(parent):
+            return path  # nothing on the way exists yet: no link to follow
+        real_base, real_parent = os.path.realpath(top), os.path.realpath(parent)
+        if os.path.commonpath([real_base, real_parent]) != real_base:
+            raise InputError(f"file name {name!r} leads through a link to {real_parent}, outside {base}")
+    return path
 
 
 def sha256_file(path: str | Path) -> str:
@@ -136,9 +219,22 @@ def write_text(path: str | Path, text: str, *, durable: bool = True) -> Path:
     return Path(path)
 
 
+def json_text(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that can always be written as UTF-8: non-ASCII text is kept as it is, unless the
+    object holds a string that is not valid Unicode — a file name of undecodable bytes, which Python
+    carries as lone surrogates — and then that text is ``\\u``-escaped (valid JSON that reads back as
+    the same string, so the file can still be opened by its name)."""
+    text = json.dumps(obj, ensure_ascii=False, **kwargs)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, ensure_ascii=True, **kwargs)
+    return text
+
+
 def write_json(path: str | Path, obj: Any, *, indent: int | None = None) -> Path:
     with atomic_write(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=indent, ensure_ascii=False)
+        f.write(json_text(obj, indent=indent))
     return Path(path)
 
 

@@ -26,6 +26,7 @@ Built in:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +37,9 @@ import numpy as np
 from ..errors import InputError
 from ..postprocess.rle import decode
 from .coco import check_png_category_ids, mask_polygons
-from .files import atomic_write, fsync_dir, output_stem, write_json, write_text
+from .files import atomic_write, contained, fsync_dir, json_text, output_stem, write_json, write_text
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -100,17 +103,33 @@ def write_dataset(record_paths, out_dir: str | Path, categories, *, export_cfg: 
     return merged
 
 
-def _mask(a: dict, height: int, width: int) -> np.ndarray:
-    """An annotation's mask ``[H,W]`` bool (RLE or polygons)."""
+def _rle(a: dict, height: int, width: int) -> dict:
+    """An annotation's segmentation as a pycocotools RLE (``bytes`` counts)."""
     seg = a["segmentation"]
     if isinstance(seg, dict):
         counts = seg["counts"]
-        rle = {"size": seg["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    else:
-        from pycocotools import mask as mask_utils
+        return {"size": seg["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    from pycocotools import mask as mask_utils
 
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-    return decode(rle).view(bool)
+    return mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+
+
+def _mask(a: dict, height: int, width: int) -> np.ndarray:
+    """An annotation's mask ``[H,W]`` bool (RLE or polygons)."""
+    return decode(_rle(a, height, width)).view(bool)
+
+
+def _overlaps(rles: list[dict]) -> np.ndarray:
+    """``[n,n]`` bool: whether masks ``i`` and ``j`` share a pixel, from the RLEs (pycocotools' ``iou``
+    with the crowd rule gives intersection / area of ``i``; boxes that miss are skipped in C)."""
+    from pycocotools import mask as mask_utils
+
+    n = len(rles)
+    if n < 2:
+        return np.zeros((n, n), dtype=bool)
+    inter = np.asarray(mask_utils.iou(rles, rles, [1] * n)).reshape(n, n) > 0
+    np.fill_diagonal(inter, False)
+    return inter
 
 
 def _save_png(path: Path, values: np.ndarray) -> None:
@@ -135,26 +154,33 @@ def _masks(ctx: ExportContext, kind: str) -> dict:
         stem = output_stem(img["id"], img["file_name"])
         values: dict[str, dict] = {}
         if kind == "instance":
-            masks = [_mask(a, H, W) for a in anns]
+            # bounded work: the masks stay RLE; which instances overlap comes from pycocotools in C, and
+            # the label image and each layer are painted one decoded mask at a time
+            rles = [_rle(a, H, W) for a in anns]
+            overlap = _overlaps(rles)
             out = np.zeros((H, W), dtype=np.uint16)
             for v in range(len(anns), 0, -1):  # lowest score first: the best wins overlaps
-                out[masks[v - 1]] = v
-            # an instance partly hidden under better ones is also written whole, in a layer file where
-            # no two instances overlap, so that every mask can be read back exactly
-            layers: list[np.ndarray] = []
-            for v, (a, m) in enumerate(zip(anns, masks), start=1):
+                out[_mask(anns[v - 1], H, W)] = v
+            # an instance partly hidden under better ones (one that overlaps a higher-scoring one) is also
+            # written whole, in a layer file where no two instances overlap, so that every mask can be read
+            # back exactly
+            layers: list[list[int]] = []
+            for i, a in enumerate(anns):
                 where = f"{stem}.png"
-                if not np.array_equal(out == v, m):
-                    free = next((i for i, layer in enumerate(layers) if not layer[m].any()), None)
+                if overlap[i, :i].any():
+                    free = next((k for k, members in enumerate(layers) if not overlap[i, members].any()), None)
                     if free is None:
-                        layers.append(np.zeros((H, W), dtype=np.uint16))
+                        layers.append([])
                         free = len(layers) - 1
-                    layers[free][m] = v
+                    layers[free].append(i)
                     where = f"layers/{stem}.layer{free + 1}.png"
-                values[str(v)] = {"annotation_id": a["id"], "category_id": a["category_id"],
-                                  "name": cats[a["category_id"]], "score": a.get("score"), "complete_in": where}
-            for i, layer in enumerate(layers, start=1):
-                _save_png(folder / "layers" / f"{stem}.layer{i}.png", layer)
+                values[str(i + 1)] = {"annotation_id": a["id"], "category_id": a["category_id"],
+                                      "name": cats[a["category_id"]], "score": a.get("score"), "complete_in": where}
+            for k, members in enumerate(layers, start=1):
+                layer = np.zeros((H, W), dtype=np.uint16)
+                for i in members:
+                    layer[_mask(anns[i], H, W)] = i + 1
+                _save_png(folder / "layers" / f"{stem}.layer{k}.png", layer)
         else:
             top = max(cats, default=0)
             out = np.zeros((H, W), dtype=np.uint16 if top > 255 else np.uint8)
@@ -162,9 +188,9 @@ def _masks(ctx: ExportContext, kind: str) -> dict:
                 out[_mask(a, H, W)] = a["category_id"]
             values = {str(c): {"category_id": c, "name": cats[c]} for c in sorted({a["category_id"] for a in anns})}
         _save_png(folder / f"{stem}.png", out)
-        write_text(folder / f"{stem}.json", json.dumps(
+        write_text(folder / f"{stem}.json", json_text(
             {"image_id": img["id"], "file_name": img["file_name"], "kind": kind, "background": 0,
-             "values": values}, ensure_ascii=False, indent=1), durable=False)
+             "values": values}, indent=1), durable=False)
         n += 1
     if n:
         fsync_dir(folder)
@@ -195,10 +221,16 @@ def _yolo(ctx: ExportContext, task: str) -> dict:
         raise InputError(f"the YOLO export links the images, but where {missing[:3]} are is not known; give the "
                          "images folder (--images)")
     n_labels = 0
+    skipped: list[dict] = []
     for img in ctx.dataset["images"]:
         H, W = int(img["height"]), int(img["width"])
-        name = Path(img["file_name"])
-        link = root / "images" / name
+        try:  # a name read from dataset.json never leads a link, unlink or write outside this dataset
+            link = contained(root / "images", img["file_name"], for_writing=True)
+            label = contained(root / "labels", str(Path(img["file_name"]).with_suffix(".txt")), for_writing=True)
+        except InputError as e:
+            log.warning("yolo-%s: image %s left out: %s", task, img["id"], e)
+            skipped.append({"image_id": img["id"], "file_name": img["file_name"], "error": str(e)})
+            continue
         link.parent.mkdir(parents=True, exist_ok=True)
         target = Path(os.path.abspath(ctx.image_paths[img["id"]]))
         if link.is_symlink() or link.exists():
@@ -218,7 +250,7 @@ def _yolo(ctx: ExportContext, task: str) -> dict:
             xy = np.asarray(poly).reshape(-1, 2) / np.array([W, H])
             lines.append(f"{cls} " + " ".join(f"{v:.6f}" for v in np.clip(xy, 0, 1).reshape(-1)))
         n_labels += len(lines)
-        write_text((root / "labels" / name).with_suffix(".txt"), "".join(line + "\n" for line in lines), durable=False)
+        write_text(label, "".join(line + "\n" for line in lines), durable=False)
     for sub in ("images", "labels"):
         fsync_dir(root / sub)
     names = {i: c["name"] for i, c in enumerate(cats)}
@@ -226,7 +258,10 @@ def _yolo(ctx: ExportContext, task: str) -> dict:
                                                    "names": names}, sort_keys=False, allow_unicode=True))
     write_json(root / "categories.json", {str(i): {"category_id": c["id"], "name": c["name"]}
                                           for i, c in enumerate(cats)}, indent=1)
-    return {"folder": root.name, "images": len(ctx.dataset["images"]), "labels": n_labels}
+    summary = {"folder": root.name, "images": len(ctx.dataset["images"]) - len(skipped), "labels": n_labels}
+    if skipped:
+        summary["skipped"] = skipped
+    return summary
 
 
 def _polygon_area(poly: list[float]) -> float:

@@ -29,6 +29,8 @@ cannot inflate into gigabytes), and never unpickles. Writing is atomic.
 
 from __future__ import annotations
 
+import logging
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +39,18 @@ import numpy as np
 
 from ..errors import InputError
 from ..postprocess.geometry import ImageMaps
-from .files import atomic_write
+from .files import atomic_write, file_kind
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 FIELDS = ("format_version", "heatmaps", "size", "tiles", "queries", "image_id", "file_name", "presence")
 REQUIRED = ("heatmaps", "queries", "image_id", "file_name")
 MAX_HEATMAP_BYTES = 2**31  # declared size of 'heatmaps' above which a file is refused unread
 MAX_FIELD_BYTES = 2**26  # any other field
+MAX_TILES = 4096  # tile maps in one file
+MAX_TILE_COVERAGE = 100  # the tiles' total area over the image's: what any overlap < 0.9 can make
+DEFAULT_MAX_PIXELS = 178_956_970  # run.max_pixels' default: an image 'size' above the limit is refused
 
 
 @dataclass(frozen=True)
@@ -168,9 +175,16 @@ def _check_declared(path: Path, max_bytes: int) -> None:
                              f"more than the limit of {limit / 2**20:.0f} MiB; refused without reading it")
 
 
-def load_heatmaps(path: str | Path, *, max_bytes: int = MAX_HEATMAP_BYTES) -> HeatmapRecord:
-    """Read and validate one cache file (version 1 or 2); errors name the file and the field."""
+def load_heatmaps(path: str | Path, *, max_bytes: int = MAX_HEATMAP_BYTES,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> HeatmapRecord:
+    """Read and validate one cache file (version 1 or 2); errors name the file and the field. Work is
+    bounded before anything is allocated: the declared array sizes (``max_bytes``), the image ``size``
+    (``max_pixels``, as ``run.max_pixels`` bounds the images a run reads) and the tiles (at most
+    :data:`MAX_TILES`, covering the image at most :data:`MAX_TILE_COVERAGE` times)."""
     path = Path(path)
+    kind = file_kind(path)
+    if kind is not None:
+        raise InputError(f"{path}: not a regular file ({kind}); never opened")
     try:
         _check_declared(path, max_bytes)
         with np.load(path, allow_pickle=False) as data:
@@ -198,21 +212,53 @@ def load_heatmaps(path: str | Path, *, max_bytes: int = MAX_HEATMAP_BYTES) -> He
         if size.shape != (2,) or not np.issubdtype(size.dtype, np.integer) or (size < 1).any():
             raise InputError(f"{path}: field 'size' must be the image's (height, width), got {size!r}")
         image_size = (int(size[0]), int(size[1]))
+    H, W = image_size if image_size is not None else heat.shape[-2:]
+    if int(H) * int(W) > max_pixels:
+        raise InputError(f"{path}: field 'size' says the image is {W}x{H} = {int(H) * int(W)} pixels, more than "
+                         f"the limit of {max_pixels} (run.max_pixels); refused before allocating its maps")
     regions = None
     if tiles is not None:
-        if image_size is None or tiles.ndim != 2 or tiles.shape != (heat.shape[0], 4):
-            raise InputError(f"{path}: field 'tiles' must be [N,4] for the N tile maps, with 'size'")
-        H, W = image_size
+        if image_size is None or tiles.ndim != 2 or tiles.shape != (heat.shape[0], 4) or \
+                not np.issubdtype(tiles.dtype, np.integer):
+            raise InputError(f"{path}: field 'tiles' must be [N,4] integers for the N tile maps, with 'size'")
+        if tiles.shape[0] > MAX_TILES:
+            raise InputError(f"{path}: field 'tiles' has {tiles.shape[0]} tiles, more than the limit of {MAX_TILES}")
         for y0, y1, x0, x1 in tiles.tolist():
             if not (0 <= y0 < y1 <= H and 0 <= x0 < x1 <= W):
                 raise InputError(f"{path}: field 'tiles' has region {[y0, y1, x0, x1]} outside the {W}x{H} image")
+        covered = int(((tiles[:, 1] - tiles[:, 0]) * (tiles[:, 3] - tiles[:, 2])).sum())
+        if covered > MAX_TILE_COVERAGE * H * W:
+            raise InputError(f"{path}: field 'tiles' covers the image {covered / (H * W):.0f} times; tiles of a run "
+                             f"overlap at most {MAX_TILE_COVERAGE} times")
         regions = tuple(tuple(int(v) for v in t) for t in tiles.tolist())
     return HeatmapRecord(heat, queries, int(image_id), file_name, presence, image_size, regions)
 
 
-def list_heatmap_files(directory: str | Path) -> list[Path]:
-    """Cache files under ``directory`` (recursively), sorted."""
+def scan_heatmap_files(directory: str | Path) -> tuple[list[Path], list[dict]]:
+    """Cache files under ``directory`` (recursively, symbolic links to folders not followed), sorted, and
+    the ``*.npz`` entries skipped unopened with the reason (FIFOs, sockets, devices, broken links: opening
+    a FIFO would block for ever)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError(f"heatmap directory {directory} does not exist or is not a directory")
-    return sorted(p for p in directory.rglob("*.npz") if not p.name.startswith("."))
+    files, skipped = [], []
+    for root, dirs, names in os.walk(directory, followlinks=False):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            if name.startswith(".") or not name.endswith(".npz"):
+                continue
+            p = Path(root) / name
+            kind = file_kind(p)
+            if kind is None:
+                files.append(p)
+            else:
+                skipped.append({"file": str(p), "error": f"not a regular file ({kind}); never opened"})
+    return sorted(files), sorted(skipped, key=lambda d: d["file"])
+
+
+def list_heatmap_files(directory: str | Path) -> list[Path]:
+    """The readable cache files of :func:`scan_heatmap_files`; each entry skipped is logged with its reason."""
+    files, skipped = scan_heatmap_files(directory)
+    for s in skipped:
+        log.warning("skipped %s: %s", s["file"], s["error"])
+    return files

@@ -39,11 +39,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, UnsupportedModelError
-from .files import write_json
+from .files import contained, sha256_file, write_json
 
 EXPORTABLE = ("legrad", "chefercam", "gradcam", "raw_attention", "rollout")
 TOLERANCE = {"fp32": {"cosine": 0.9999, "maps": 1e-4}, "fp16": {"cosine": 0.999, "maps": 5e-2}}
 FILES = {"image_encoder": "image_encoder.onnx", "text_encoder": "text_encoder.onnx"}
+
+
+TMP_PREFIX = ".onnx-export-"  # + the exporting process's id: a killed export's folder is found by the next
 
 
 def explainer_file(method: str) -> str:
@@ -170,12 +173,76 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
     import warnings
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _interrupts() as interrupted:
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, dynamo=True, input_names=inputs, output_names=outputs,
                                     dynamic_shapes=dynamic, opset_version=opset, verbose=False,
                                     external_data=False)
+        if interrupted:  # torch.onnx's exporter catches the KeyboardInterrupt of a Ctrl-C and goes on
+            raise KeyboardInterrupt
         program.save(str(path))
+
+
+class _interrupts:
+    """Notes a Ctrl-C (SIGINT) during a step that might swallow its ``KeyboardInterrupt``; the ``with``
+    value is truthy once one came. Outside the main thread it does nothing."""
+
+    def __init__(self) -> None:
+        self.hit = False
+        self._previous = None
+
+    def __bool__(self) -> bool:
+        return self.hit
+
+    def __enter__(self) -> _interrupts:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            def note(signum, frame):
+                self.hit = True
+                raise KeyboardInterrupt
+
+            self._previous = signal.signal(signal.SIGINT, note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        if self.hit and exc[0] is None:
+            raise KeyboardInterrupt
+
+
+def remove_dead_exports(parent: Path) -> int:
+    """Remove the temporary folders of exports into ``parent`` whose process is gone (killed); those of
+    exports still running are left alone. Returns the count."""
+    import re
+
+    removed = 0
+    for entry in os.scandir(parent):
+        m = re.match(rf"^{re.escape(TMP_PREFIX)}(\d+)-", entry.name)
+        if not m or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, ValueError):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def content_digest(model_json: dict) -> str:
+    """sha256 of ``model.json``'s fields but ``content_sha256`` itself (canonical JSON)."""
+    import hashlib
+
+    body = {k: v for k, v in model_json.items() if k != "content_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -197,6 +264,8 @@ def export_onnx(model_name: str, pretrained: str | None, out_dir: str | Path, *,
 
     cfg = load_config(config) if not hasattr(config, "model_dump") else config
     methods = list(methods or [cfg.explainer.method])
+    if layers is None:  # the config's blocks: what `ovlabel label` with the same config asks the graphs for
+        layers = cfg.explainer.layers
     bad = [m for m in methods if m not in EXPORTABLE]
     if bad:
         from ..legrad.catalog import BUILTIN
@@ -243,8 +312,10 @@ def export_onnx(model_name: str, pretrained: str | None, out_dir: str | Path, *,
         half = copy.deepcopy(model).half()
         graphs = {m: ExplainerGraph(half, m, layers).eval() for m in methods}
         model = half
-    tmp = Path(tempfile.mkdtemp(prefix=".onnx-export-", dir=Path(out_dir).parent if Path(out_dir).parent.is_dir()
-                                else None))
+    parent = Path(out_dir).absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_exports(parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=parent))
     parity: dict = {"precision": precision, "tolerance": tol, "sizes": [list(s) for s in sizes]}
     try:
         files = []
@@ -293,6 +364,9 @@ def export_onnx(model_name: str, pretrained: str | None, out_dir: str | Path, *,
                          "onnxruntime": _ort_version(), "python": platform.python_version()},
             "parity": parity,
         }
+        # what a load verifies: each graph's bytes, and model.json's own fields (normalisation, logit scale…)
+        model_json["digests"] = {f: sha256_file(tmp / f) for f in files}
+        model_json["content_sha256"] = content_digest(model_json)
         write_json(tmp / "model.json", model_json, indent=1)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -375,8 +449,75 @@ def _parity(tmp: Path, enc, graphs, text_graph, sizes, patch, mean, std, text, t
     return out
 
 
+_VERIFIED: dict[tuple, str] = {}  # (path, size, mtime) → sha256 of graphs already checked in this process
+
+
+def _model_json_schema():
+    from typing import Literal
+
+    from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+    class Method(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        file: str
+        layers: list[int] = Field(min_length=1)
+
+    class Tokenizer(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        open_clip: str
+        context_length: int | None = Field(default=None, ge=1)
+
+    class ModelJson(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        format: Literal["ovlabel-onnx"]
+        mean: list[float] = Field(min_length=3, max_length=3)
+        std: list[float] = Field(min_length=3, max_length=3)
+        patch_size: list[int] = Field(min_length=2, max_length=2)
+        input_size: int = Field(ge=1)
+        dynamic_size: bool = False
+        embed_dim: int = Field(ge=1)
+        precision: Literal["fp32", "fp16"] = "fp32"
+        blocks: int = Field(ge=1)
+        methods: dict[str, Method] = Field(min_length=1)
+        files: dict[str, str]
+        logit_scale: float | None = None
+        logit_bias: float | None = None
+        tokenizer: Tokenizer
+        opset: int = Field(ge=1)
+        digests: dict[str, str]
+        content_sha256: str
+
+        @field_validator("patch_size")
+        @classmethod
+        def _positive(cls, v):
+            if min(v) < 1:
+                raise ValueError(f"must be two positive sizes, got {v}")
+            return v
+
+        @field_validator("std")
+        @classmethod
+        def _std(cls, v):
+            if min(v) <= 0:
+                raise ValueError(f"must be positive, got {v}")
+            return v
+
+        @field_validator("logit_scale")
+        @classmethod
+        def _scale(cls, v):
+            if v is not None and not (np.isfinite(v) and v > 0):
+                raise ValueError(f"must be a positive finite number, got {v}")
+            return v
+
+    return ModelJson
+
+
 def read_model_json(onnx_dir: str | Path) -> dict:
-    """The ``model.json`` of an export folder, checked against the files beside it."""
+    """The ``model.json`` of an export folder, checked before any graph is used: its fields have the
+    right types; its own digest (``content_sha256``) matches its fields, so that an edited normalisation,
+    logit scale or block list is refused; and every graph it names is a file in the folder whose sha256 is
+    the one recorded at export (a truncated graph, another export's or another model's is refused)."""
+    from pydantic import ValidationError
+
     d = Path(onnx_dir)
     path = d / "model.json"
     if not d.is_dir():
@@ -385,15 +526,48 @@ def read_model_json(onnx_dir: str | Path) -> dict:
         raise InputError(f"{d} has no model.json; it is not an ovlabel ONNX export (make one with ovlabel export-onnx)")
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{path} is not readable JSON ({e})") from None
     if not isinstance(info, dict) or info.get("format") != "ovlabel-onnx":
         raise InputError(f"{path} is not an ovlabel ONNX model.json")
-    for key in ("mean", "std", "patch_size", "input_size", "methods", "files", "embed_dim", "tokenizer", "blocks"):
-        if key not in info:
-            raise InputError(f"{path} lacks {key!r}")
-    missing = [f for f in [*info["files"].values(), *(m["file"] for m in info["methods"].values())]
-               if not (d / f).is_file()]
+    if "digests" not in info or "content_sha256" not in info:
+        raise InputError(f"{path} records no digests of its graphs (an export of an older ovlabel); export the model "
+                         "again with ovlabel export-onnx")
+    try:
+        checked = _model_json_schema().model_validate(info)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise InputError(f"{path}: field {where!r}: {first['msg']} (got {first.get('input')!r})"
+                         + (f"; and {len(e.errors()) - 1} more problem(s)" if len(e.errors()) > 1 else "")) from None
+    if content_digest(info) != info["content_sha256"]:
+        raise InputError(f"{path} was edited after the export (its fields no longer match its content_sha256): "
+                         "normalisation, logit scale, blocks or file names may not be the graphs'; export again")
+    for m, spec in checked.methods.items():
+        bad = [b for b in spec.layers if not 0 <= b < checked.blocks]
+        if bad:
+            raise InputError(f"{path}: method {m!r} lists blocks {bad} of a {checked.blocks}-block tower")
+    names = [*checked.files.values(), *(spec.file for spec in checked.methods.values())]
+    for name in names:
+        try:
+            contained(d, name)
+        except InputError as e:
+            raise InputError(f"{path}: {e}") from None
+        if os.sep in name or "/" in name:
+            raise InputError(f"{path}: graph file {name!r} must be a file of the export folder itself")
+    missing = [f for f in names if not (d / f).is_file()]
     if missing:
         raise InputError(f"{d}: model.json names {missing}, which are not there")
+    for name in dict.fromkeys(names):
+        want = info["digests"].get(name)
+        if want is None:
+            raise InputError(f"{path} records no digest for {name}; export again")
+        st = (d / name).stat()
+        key = (str((d / name).resolve()), st.st_size, st.st_mtime_ns)
+        if _VERIFIED.get(key) != want:
+            got = sha256_file(d / name)
+            if got != want:
+                raise InputError(f"{d / name} is not the graph this export wrote (sha256 {got[:12]}…, model.json "
+                                 f"records {want[:12]}…): a truncated, replaced or foreign file; export again")
+            _VERIFIED[key] = want
     return info

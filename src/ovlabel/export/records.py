@@ -33,7 +33,7 @@ from ..errors import CocoFormatError
 from ..postprocess.detections import Detections
 from .categories import Categories
 from .coco import check_results, coco_from_dict, detections_to_results, quiet, segmentation_for_dataset
-from .files import append_lines, atomic_write, cut_torn_tail, file_mode, fsync_dir, output_error
+from .files import append_lines, atomic_write, cut_torn_tail, fault_point, file_mode, fsync_dir, json_text, output_error
 
 VALIDATE_CHUNK = 2000
 
@@ -74,13 +74,14 @@ class RecordWriter:
 
     def append(self, records: Iterable[dict]) -> None:
         """Write records as complete lines and fsync (one call per batch)."""
-        lines = [json.dumps(r, ensure_ascii=False) for r in records]
+        lines = [json_text(r) for r in records]
         if lines:
             append_lines(self._fd, lines, self.path)
+            fault_point("record", len(lines))
 
     def write(self, image: dict, dets: Detections | None = None, error: str | None = None) -> None:
         """Queue the record of one image; :meth:`flush` writes the queue."""
-        self._pending.append(json.dumps(make_record(image, dets, error), ensure_ascii=False))
+        self._pending.append(json_text(make_record(image, dets, error)))
 
     def flush(self) -> None:
         pending, self._pending = self._pending, []
@@ -170,8 +171,8 @@ def finalize(
                              "annotations": []}, "the run's images")
     img_ids = gt.getImgIds()
 
-    head = json.dumps({"info": info or {"description": "ovlabel pseudo-labels"}, "licenses": [],
-                       "images": images, "categories": categories.to_coco()}, ensure_ascii=False)
+    head = json_text({"info": info or {"description": "ovlabel pseudo-labels"}, "licenses": [],
+                      "images": images, "categories": categories.to_coco()})
     n_ann = 0
     chunk: list[dict] = []
     with atomic_write(out_dir / "predictions.json", "w", encoding="utf-8") as pf, \
@@ -207,6 +208,7 @@ def finalize(
         _validate_chunk(chunk, gt, img_ids)
         preds.close()
         data.close()
+        fault_point("finalize")  # both files written, neither renamed into place
     coco_from_dict(json.loads((out_dir / "dataset.json").read_text(encoding="utf-8")), "dataset.json")
     return {"images": len(ok), "annotations": n_ann, "failures": failures}
 
@@ -219,7 +221,7 @@ class _JsonArray:
         f.write(head)
 
     def add(self, obj) -> None:
-        self.f.write(("" if self.first else ",") + "\n" + json.dumps(obj, ensure_ascii=False))
+        self.f.write(("" if self.first else ",") + "\n" + json_text(obj))
         self.first = False
 
     def close(self) -> None:

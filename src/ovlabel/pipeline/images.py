@@ -16,10 +16,8 @@ opened — a FIFO would block the run — and are reported as failures.
 
 from __future__ import annotations
 
-import errno
 import io
 import os
-import stat
 import threading
 import warnings
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageReadError, InputError
+from ..export.files import file_kind
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif",
                   ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".jp2", ".heic", ".avif"}
@@ -56,24 +55,6 @@ class DecodedImage:
     error: str | None = None
 
 
-def file_kind(path: Path) -> str | None:
-    """``None`` for a regular file (or a symlink to one); otherwise what the entry is."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "a broken symlink" if os.path.islink(path) else "missing"
-    except OSError as e:
-        return "a symlink loop" if e.errno == errno.ELOOP else f"unreadable ({e.strerror or e})"
-    if stat.S_ISREG(mode):
-        return None
-    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISDIR, "a folder")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
 def _is_image(path: Path) -> bool:
     """Cheap content sniff (header only) of a regular file."""
     if file_kind(path) is not None:
@@ -85,13 +66,30 @@ def _is_image(path: Path) -> bool:
         return False
 
 
-def _walk(folder: Path) -> list[Path]:
+def _walk(folder: Path, skipped: list[dict] | None = None) -> list[Path]:
+    """The files under ``folder``, sorted. Hidden files and folders and symbolic links to folders (which
+    could lead in a loop or out of the tree) are not entered; each is reported in ``skipped``."""
     out = []
     for root, dirs, files in os.walk(folder, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        keep = []
+        for d in sorted(dirs):
+            path = Path(root) / d
+            if d.startswith("."):
+                reason = "hidden folder: not searched (pass it as an input to label it)"
+            elif path.is_symlink():
+                reason = "symbolic link to a folder: not followed (pass it as an input to label it)"
+            else:
+                keep.append(d)
+                continue
+            if skipped is not None:
+                skipped.append({"path": str(path), "reason": reason})
+        dirs[:] = keep
         for f in sorted(files):
             if not f.startswith("."):
                 out.append(Path(root) / f)
+            elif skipped is not None:
+                skipped.append({"path": str(Path(root) / f), "reason": "hidden file: not labelled (pass it as an "
+                                "input to label it)"})
     return out
 
 
@@ -100,20 +98,22 @@ def _abs(p: Path) -> Path:
     return Path(os.path.normpath(os.path.abspath(p)))
 
 
-def collect_inputs(inputs: list[str | Path]) -> tuple[list[ImageItem], list[str]]:
+def collect_inputs(inputs: list[str | Path], skipped: list[dict] | None = None) -> tuple[list[ImageItem], list[str]]:
     """Expand inputs into image items (ids 1..N in sorted order) and the non-image files ignored in
     folders. Files with an image extension are always attempted (a broken one is reported later);
     other files in folders are attempted when their content is an image.
 
     ``file_name`` is the path relative to the inputs' common root (:func:`input_root`): one folder gives
     names relative to it; several folders, files or lists give names that keep them apart
-    (``a/img.png``, ``b/img.png``) — never absolute, never two images with one name."""
+    (``a/img.png``, ``b/img.png``) — never absolute, never two images with one name. Entries of folders
+    that are not searched (hidden ones, symbolic links to folders) are appended to ``skipped`` with the
+    reason."""
     entries: list[tuple[Path, Path]] = []  # (root the name is relative to, file)
     ignored: list[str] = []
     for raw in inputs:
         p = Path(raw).expanduser()
         if p.is_dir():
-            for f in _walk(p):
+            for f in _walk(p, skipped):
                 # non-regular entries are never opened; they are kept so the run reports them as failures
                 if f.suffix.lower() in IMAGE_SUFFIXES or file_kind(f) is not None or _is_image(f):
                     entries.append((p, f))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, InputError
-from ..export.files import atomic_write, fsync_dir
+from ..export.files import atomic_write, fsync_dir, json_text
 from .images import ImageItem
 
 NAME = "manifest.json"
@@ -30,8 +30,7 @@ VERSION = 1
 
 def digest(obj: Any) -> str:
     """sha256 of the canonical JSON of ``obj``."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-                          .encode("utf-8")).hexdigest()
+    return hashlib.sha256(json_text(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 def build(*, inputs: dict, items: list[ImageItem], settings: dict, shards: int) -> dict:
@@ -75,7 +74,7 @@ def create(path: str | Path, manifest: dict) -> dict:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
     with atomic_write(tmp, "w", encoding="utf-8", durable=False) as f:
-        json.dump(manifest, f, ensure_ascii=False)
+        f.write(json_text(manifest))
     try:
         os.link(tmp, path)  # fails if the manifest exists: the first process wins
         fsync_dir(path.parent)
@@ -111,7 +110,7 @@ def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def _short(v: Any, limit: int = 120) -> str:
-    text = json.dumps(v, ensure_ascii=False)
+    text = json_text(v)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

@@ -13,9 +13,8 @@ import datetime as _dt
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
 from .. import __version__
+from ..config import parse_yaml, read_text_file
 from ..errors import InputError
 from ..export.categories import Categories
 from ..export.coco import load_coco
@@ -25,11 +24,10 @@ from . import manifest as run_manifest
 
 
 def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise InputError(f"{path} is not a readable run file ({e})") from None
-    return data if isinstance(data, dict) else {}
+    data = parse_yaml(read_text_file(path, "run file", error=InputError), str(path), error=InputError)
+    if not isinstance(data, dict):
+        raise InputError(f"{path} is not an ovlabel run file (a mapping), got {type(data).__name__}")
+    return data
 
 
 def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
@@ -71,8 +69,8 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
         record_files += sorted((d / "records").glob("records*.jsonl"))
         for y in sorted(d.glob("run*.yaml")):
             meta = _read_yaml(y)
-            if "merged_from" in meta or "shard" not in meta:
-                continue  # the summary of an earlier merge into this folder
+            if "shard" not in meta:
+                continue  # the summary of an earlier merge of several shards into this folder
             try:
                 i, n = (int(v) for v in str(meta["shard"]).split("/"))
             except ValueError:
@@ -106,14 +104,21 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
     merged = write_dataset(record_files, out_dir, cats, export_cfg=settings["export"], gt=gt,
                            image_root=inputs.get("image_root"),
                            image_paths={it.id: it.path for it in run_manifest.items(first)})
-    meta = metas[0][1]
-    summary = {"ovlabel": __version__, "status": "complete", "merged_from": [str(y) for y, _ in metas],
+    # the run's provenance (versions, command, model and weights, explainer, queries, config) is kept;
+    # a single-process run merged into its own folder stays shard 0/1, so that merging again is the same
+    meta = dict(sorted(metas, key=lambda m: str(m[1].get("shard")))[0][1])
+    if n > 1:
+        meta.pop("shard", None)
+    summary = {**meta, "ovlabel": __version__, "status": "complete",
+               "merged_from": sorted({str(y) for y, _ in metas}),
                "end_time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-               "image_root": inputs.get("image_root"), "queries": meta.get("queries"), "config": meta.get("config"),
-               "model": meta.get("model"),
-               "explainer": meta.get("explainer"),
-               "counts": {"images": merged["images"], "annotations": merged["annotations"],
-                          "failed": len(merged["failures"])}, "failures": merged["failures"]}
+               "image_root": inputs.get("image_root"),
+               "counts": {**((meta.get("counts") or {}) if n == 1 else {}), "images": merged["images"],
+                          "annotations": merged["annotations"], "failed": len(merged["failures"])},
+               "failures": merged["failures"],
+               "outputs": {"predictions": "predictions.json", "dataset": "dataset.json",
+                           "annotations": merged["annotations"], "images": merged["images"],
+                           "formats": merged["formats"]}}
     write_yaml(out_dir / "run.yaml", summary)
     return summary
 

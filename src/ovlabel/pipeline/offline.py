@@ -9,32 +9,61 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
 from .. import __version__
-from ..config import Config, load_config
-from ..errors import CocoFormatError, ImageReadError, InputError
+from ..config import Config, load_config, parse_yaml, read_text_file
+from ..errors import ImageReadError, InputError
 from ..export.categories import Categories, load_categories
 from ..export.coco import load_coco
-from ..export.files import ensure_writable_dir, fsync_dir, output_stem, write_yaml
+from ..export.files import contained, ensure_writable_dir, fsync_dir, output_stem, relative_name_problem, write_yaml
 from ..export.formats import write_dataset
-from ..export.heatmaps import list_heatmap_files, load_heatmaps
+from ..export.heatmaps import load_heatmaps, scan_heatmap_files
 from ..export.records import RecordWriter
 from ..postprocess import Postprocessor
+from . import manifest as run_manifest
 
 log = logging.getLogger(__name__)
 
 
 def source_run(heatmap_dir: str | Path) -> tuple[Path | None, dict]:
-    """The run that wrote ``heatmap_dir`` (its ``run.yaml`` beside the folder), or ``(None, {})``."""
-    run_yaml = Path(heatmap_dir).parent / "run.yaml"
-    if not run_yaml.is_file():
-        return None, {}
-    try:
-        meta = yaml.safe_load(run_yaml.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise InputError(f"{run_yaml} (the run that wrote these heatmaps) is not readable: {e}") from None
-    return run_yaml, meta if isinstance(meta, dict) else {}
+    """The run that wrote ``heatmap_dir``, read from the run folder the heatmaps are in: its
+    ``run.yaml``; before ``ovlabel merge``, a shard's ``run.shard-I-of-N.yaml`` (every shard has the run's
+    configuration and categories); without either, its ``manifest.json`` (the settings that change
+    results, the category ids and the images folder). ``(None, {})`` when the folder holds none of them
+    (heatmaps written by another tool). A run file that is there but unreadable, or not a run file, is an
+    error — never a silent fall back on defaults, which would renumber the categories."""
+    run_dir = Path(heatmap_dir).absolute().parent
+    for path in [run_dir / "run.yaml", *sorted(run_dir.glob("run.shard-*-of-*.yaml"))]:
+        if not os.path.lexists(path):
+            continue
+        where = f"{path} (the run that wrote these heatmaps)"
+        meta = parse_yaml(read_text_file(path, "run file", error=InputError), where, error=InputError)
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+            raise InputError(f"{where} is not an ovlabel run file (a mapping with a 'config' section); restore it, "
+                             "or pass --config and --coco-gt/--categories")
+        return path, meta
+    manifest_path = run_dir / run_manifest.NAME
+    if os.path.lexists(manifest_path):
+        m = run_manifest.load(manifest_path)
+        try:
+            settings = m["settings"]
+            meta = {"config": {"postprocess": dict(settings["postprocess"]), "export": dict(settings["export"])},
+                    "queries": {"ids": list(settings["queries"]["ids"]), "names": list(settings["queries"]["names"])},
+                    "image_root": m["inputs"].get("image_root")}
+        except (KeyError, TypeError, AttributeError) as e:
+            raise InputError(f"{manifest_path} (the run that wrote these heatmaps) lacks its settings ({e})") from None
+        log.warning("%s has no run.yaml: following its manifest (%s)", run_dir, manifest_path.name)
+        return manifest_path, meta
+    return None, {}
+
+
+def check_not_a_run(out_dir: Path, source: Path | None) -> None:
+    """Refuse to write a re-thresholded result into a labelling run's own folder: it would replace that
+    run's ``run.yaml`` (versions, weights sha256, failures)."""
+    out = Path(out_dir)
+    same = source is not None and out.is_dir() and os.path.samefile(out, source.parent)
+    if same or (out / run_manifest.NAME).exists():
+        raise InputError(f"--out {out_dir} is the folder of a labelling run: writing there would replace its run.yaml "
+                         f"(its versions, weights and failures); choose another folder, e.g. {Path(out_dir) / 'post'}")
 
 
 def postprocess_heatmaps(
@@ -59,21 +88,25 @@ def postprocess_heatmaps(
     Nothing is written unless every file is valid.
     """
     run_yaml, run = source_run(heatmap_dir)
-    if isinstance(config, Config):
-        cfg = load_config(config, overrides)
-    elif config is not None:
+    if config is not None:
         cfg = load_config(config, overrides)
     elif run.get("config"):
-        cfg = load_config({k: v for k, v in run["config"].items()}, overrides)
+        cfg = load_config(dict(run["config"]), overrides)
         log.info("configuration of %s, with the given overrides", run_yaml)
     else:
         cfg = load_config(None, overrides)
+        log.warning("no run.yaml or manifest.json beside %s (heatmaps of another tool?): the default configuration "
+                    "applies; pass --config to choose one", heatmap_dir)
     post = Postprocessor.from_config(cfg.postprocess)
-    files = list_heatmap_files(heatmap_dir)
+    files, skipped = scan_heatmap_files(heatmap_dir)
+    for s in skipped:
+        log.warning("skipped %s: %s", s["file"], s["error"])
     if not files:
-        raise InputError(f"no .npz heatmap files under {heatmap_dir}")
+        raise InputError(f"no .npz heatmap files under {heatmap_dir}"
+                         + (f" that can be read ({len(skipped)} skipped: {skipped[0]['error']})" if skipped else ""))
     if gt is not None and categories is not None:
         raise InputError("pass either a ground truth (--coco-gt) or a categories file (--categories), not both")
+    check_not_a_run(Path(out_dir), run_yaml)
     gt_coco = load_coco(gt) if gt is not None else None
     cats: Categories | None = None
     if gt_coco is not None:
@@ -93,28 +126,28 @@ def postprocess_heatmaps(
     out_dir = ensure_writable_dir(out_dir)
     seen: dict[int, Path] = {}
     names: dict[int, str] = {}
+    failures: list[dict] = []
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".postprocess-") as tmp:
         records = Path(tmp) / "records.jsonl"
         with RecordWriter(records) as writer:
             for f in files:
-                rec = load_heatmaps(f)
+                rec = load_heatmaps(f, max_pixels=cfg.run.max_pixels)
                 if cats is None:
                     cats = Categories.from_names(rec.queries)
-                    log.info("no categories given: ids 1..%d follow the query order of %s", len(cats), f)
+                    log.warning("no categories given: ids 1..%d follow the query order of %s (pass --coco-gt or "
+                                "--categories to choose them)", len(cats), f)
                 if rec.image_id in seen:
                     raise InputError(f"{f}: field 'image_id' {rec.image_id} is also used by {seen[rec.image_id]}")
                 seen[rec.image_id] = f
                 H, W = rec.size
-                if gt_coco is not None:
-                    img = gt_coco.imgs.get(rec.image_id)
-                    if img is None:
-                        raise CocoFormatError(f"{f}: field 'image_id' {rec.image_id} is not an image of {gt}")
-                    if (img.get("height"), img.get("width")) != (H, W):
-                        raise CocoFormatError(f"{f}: field 'heatmaps' is {W}x{H} but image {rec.image_id} of {gt} "
-                                              f"is {img.get('width')}x{img.get('height')}")
                 image = {"id": rec.image_id, "file_name": rec.file_name, "width": W, "height": H}
                 if gt_coco is not None:
-                    image["file_name"] = gt_coco.imgs[rec.image_id].get("file_name", rec.file_name)
+                    image["file_name"] = check_cache_against_gt(f, rec, gt_coco, gt)
+                problem = relative_name_problem(image["file_name"])
+                if problem is not None:  # never a file operation: a failure record that says why
+                    writer.write(image, error=f"{problem} (heatmap file {f.name})")
+                    failures.append({"file": str(f), "error": problem})
+                    continue
                 names[rec.image_id] = image["file_name"]
                 cat_ids = [cats.id_of(q, source=f"{f}: field 'queries'") for q in rec.queries]
                 pixels = _image(root, image, rec) if refine else None
@@ -133,7 +166,7 @@ def postprocess_heatmaps(
             for p in pictures:
                 os.replace(p, out_dir / "overlays" / p.name)
             fsync_dir(out_dir / "overlays")
-        paths = {i: root / seen_name for i, seen_name in names.items()} if root is not None else {}
+        paths = {i: contained(root, seen_name) for i, seen_name in names.items()} if root is not None else {}
         summary = write_dataset([records], out_dir, cats, export_cfg=cfg.export.model_dump(), gt=gt_coco,
                                 image_root=root.absolute() if root is not None else None, image_paths=paths)
     write_yaml(out_dir / "run.yaml", {
@@ -143,20 +176,42 @@ def postprocess_heatmaps(
         "image_root": str(root.absolute()) if root is not None else None,
         "queries": {"names": list(cats.names), "ids": list(cats.ids)} if cats is not None else None,
         "config": cfg.model_dump(exclude={"extends"}),
-        "counts": {"images": summary["images"], "annotations": summary["annotations"]},
+        "counts": {"images": summary["images"], "annotations": summary["annotations"], "failed": len(failures),
+                   "skipped": len(skipped)},
+        "failures": failures, "skipped": skipped,
         "outputs": {"predictions": "predictions.json", "dataset": "dataset.json", "formats": summary["formats"]},
     })
+    summary["failures"], summary["skipped"] = failures, skipped
     return summary
+
+
+def check_cache_against_gt(f: Path, rec, gt_coco, gt) -> str:
+    """A cache used with a ground truth must be of that ground truth's image: its id exists, its size is
+    the image's, and its ``file_name`` is the image's (another run's caches can share ids and sizes).
+    Returns the ground truth's file name."""
+    img = gt_coco.imgs.get(rec.image_id)
+    if img is None:
+        raise InputError(f"{f}: field 'image_id' {rec.image_id} is not in {gt}")
+    H, W = rec.size
+    if (img.get("height"), img.get("width")) != (H, W):
+        raise InputError(f"{f}: field 'heatmaps' is {W}x{H} but image {rec.image_id} of {gt} "
+                              f"is {img.get('width')}x{img.get('height')}")
+    name = img.get("file_name")
+    if not isinstance(name, str) or os.path.normpath(rec.file_name) != os.path.normpath(name):
+        raise InputError(f"{f}: field 'file_name' is {rec.file_name!r} but image {rec.image_id} of {gt} is "
+                              f"{name!r}: these heatmaps are not of this ground truth's images")
+    return name
 
 
 def _image(root: Path, image: dict, rec):
     """The pixels of a cached image, for map refinement (its size must be the heatmaps')."""
     from .images import read_image
 
+    path = contained(root, image["file_name"])
     try:
-        pixels = read_image(root / image["file_name"])
+        pixels = read_image(path)
     except ImageReadError as e:
-        raise InputError(f"{root / image['file_name']}: {e} (map refinement needs the image)") from None
+        raise InputError(f"{path}: {e} (map refinement needs the image)") from None
     if pixels.shape[:2] != rec.size:
         raise InputError(f"{root / image['file_name']} is {pixels.shape[1]}x{pixels.shape[0]} but its heatmaps are "
                          f"{rec.size[1]}x{rec.size[0]}")
@@ -168,7 +223,7 @@ def _overlay(out_dir: Path, root: Path, rec, image: dict, dets) -> None:
     from .images import read_image
 
     try:
-        pixels = read_image(root / image["file_name"])
+        pixels = read_image(contained(root, image["file_name"]))
     except ImageReadError as e:
         log.warning("no overlay for %s: %s", image["file_name"], e)
         return

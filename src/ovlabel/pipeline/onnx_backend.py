@@ -38,13 +38,21 @@ def providers(device: str) -> list[str]:
 def session(path: str | Path, device: str = "auto"):
     """One onnxruntime session per file and device in this process, created on first use."""
     _, ort = _onnx_modules()
-    key = (str(Path(path).resolve()), device, torch.get_num_threads())
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, device, torch.get_num_threads())
     if key not in _SESSIONS:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = torch.get_num_threads()
         opts.inter_op_num_threads = 1
-        _SESSIONS[key] = ort.InferenceSession(str(path), opts, providers=providers(device))
+        try:
+            _SESSIONS[key] = ort.InferenceSession(str(path), opts, providers=providers(device))
+        except InputError:
+            raise
+        except Exception as e:  # onnxruntime's own error types (InvalidGraph, InvalidProtobuf, Fail…)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"{path}: onnxruntime {ort.__version__} cannot load this graph ({first}); export it "
+                             "again with this version's opset") from None
     return _SESSIONS[key]
 
 
@@ -125,6 +133,9 @@ class OnnxBackend:
         if self._tokenizer is None:
             tok = self.info["tokenizer"]
             self._tokenizer = open_clip.get_tokenizer(tok["open_clip"], context_length=tok["context_length"])
+        from .queries import warn_long_prompts
+
+        warn_long_prompts(self._tokenizer, prompts, self.info["tokenizer"].get("context_length"))
         sess = session(self.dir / self.info["files"]["text_encoder"], self.device)
         out = []
         for i in range(0, len(prompts), 256):

@@ -7,6 +7,7 @@ are embedded the same way; they compete in the presence softmax and are never em
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ from ..errors import ConfigError
 from ..export.categories import Categories
 
 SINGLE_TEMPLATE = ("a photo of a {}.",)
+
+log = logging.getLogger(__name__)
 
 
 def imagenet_templates() -> tuple[str, ...]:
@@ -75,7 +78,35 @@ def build_queries(cfg, categories: Categories | None = None, names: list[str] | 
 
 
 @torch.no_grad()
+def prompt_length(tokenizer, text: str) -> int | None:
+    """Tokens of ``text`` with its start and end tokens, for open_clip's tokenizers (``None`` when the
+    tokenizer is of an unknown kind)."""
+    if hasattr(tokenizer, "encode") and hasattr(tokenizer, "sot_token_id"):  # CLIP's BPE
+        return len(tokenizer.encode(text)) + 2
+    hf = getattr(tokenizer, "tokenizer", None)
+    if callable(hf):  # Hugging Face tokenizers (SigLIP, …): special tokens included
+        clean = getattr(tokenizer, "clean_fn", None)
+        return len(hf(clean(text) if callable(clean) else text)["input_ids"])
+    return None
+
+
+def warn_long_prompts(tokenizer, prompts: list[str], context_length: int | None) -> list[tuple[str, int]]:
+    """Warn (once per prompt) about prompts longer than the text encoder's context, which the tokenizer
+    cuts silently; returns them with their lengths."""
+    if not context_length:
+        return []
+    long = []
+    for text in dict.fromkeys(prompts):
+        n = prompt_length(tokenizer, text)
+        if n is not None and n > context_length:
+            long.append((text, n))
+            log.warning("the prompt %r is %d tokens long, but the text encoder reads %d: it is cut to its first %d "
+                        "tokens (shorten the query or its template)", text, n, context_length, context_length)
+    return long
+
+
 def encode_prompts(model, tokenizer, prompts: list[str], device: torch.device, batch: int = 256) -> torch.Tensor:
+    warn_long_prompts(tokenizer, prompts, getattr(tokenizer, "context_length", None))
     out = []
     for i in range(0, len(prompts), batch):
         tokens = tokenizer(prompts[i : i + batch]).to(device)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, OvlabelError
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +103,20 @@ def size_actors(options: RayOptions, nodes: list[dict]) -> Sizing:
         c = float(options.cpus_per_actor)
     elif g > 0:
         c = 1.0
-    else:
-        c = max(cpu / hi, 0.01)
+    else:  # the cluster's CPUs shared among the actors: at least one CPU each
+        c = cpu / hi
+        if c < 1:
+            raise InputError(f"--actors {lo}:{hi} on a Ray cluster of {cpu:g} CPU(s): {hi} actor(s) would get "
+                             f"{c:.2g} CPU each; a model replica needs at least 1 — ask for at most {int(cpu)} "
+                             "actor(s), or set --cpus-per-actor to share CPUs deliberately")
     fits = sum(int(min(n.get("CPU", 0.0) // c if c > 0 else hi,
                        n.get("GPU", 0.0) // g if g > 0 else hi)) for n in nodes)
-    if fits < lo:
+    if fits < hi:
         raise InputError(f"the Ray cluster ({cpu:g} CPU, {gpu:g} GPU on {len(nodes)} node(s)) can host {fits} "
-                         f"actor(s) of {c:g} CPU and {g:g} GPU, but --actors asks for at least {lo}; ask for "
-                         "fewer actors or smaller ones (--cpus-per-actor, --gpus-per-actor)")
-    return Sizing(lo, min(hi, max(fits, lo)), c, g, max(1, round(c)))
+                         f"actor(s) of {c:g} CPU and {g:g} GPU, but --actors asks for "
+                         f"{'up to ' if lo < hi else ''}{hi}; ask for fewer actors or smaller ones "
+                         "(--cpus-per-actor, --gpus-per-actor)")
+    return Sizing(lo, hi, c, g, max(1, round(c)))
 
 
 def decode_batch(row: dict[str, Any]) -> dict[str, Any]:
@@ -193,12 +198,32 @@ def _connect(options: RayOptions) -> bool:
              "configure_logging": True}
     try:
         if options.address:
+            _probe(options.address)
             ray.init(address=options.address, **quiet)
         else:
             ray.init(num_cpus=os.cpu_count() or 1, **quiet)
     except ConnectionError as e:
         raise InputError(f"cannot join the Ray cluster at {options.address!r}: {e}") from None
     return True
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds when nothing answers at ``address`` (``host:port`` or ``ray://host:port``): Ray
+    itself retries a dead address for minutes. ``auto`` and other forms are left to Ray."""
+    import socket
+
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise InputError(f"cannot join the Ray cluster at {address!r}: nothing answers there ({reason}); start it "
+                         "(ray start --head) or check --ray-address") from None
 
 
 def _data_context() -> None:
@@ -291,7 +316,7 @@ def execute(pipe: Any, plan: Any, options: RayOptions, config: Any = None) -> di
                           "fixed, rerun the same command with --resume") from None
     except Exception as e:
         cause = _root_cause(e)
-        if isinstance(cause, (InputError, OutputError)) and cause is not e:
+        if isinstance(cause, OvlabelError) and cause is not e:
             raise type(cause)(f"{cause}\n(raised on a Ray worker; finished batches are kept in {plan.records}: "
                               "rerun with --resume once fixed)") from None
         raise

@@ -22,6 +22,7 @@ becomes a failure record; the run goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -42,6 +43,7 @@ from ..export.categories import Categories, load_categories
 from ..export.coco import check_png_category_ids, load_coco
 from ..export.files import (
     ensure_writable_dir,
+    fault_point,
     fsync_dir,
     output_stem,
     remove_stale_temps,
@@ -405,6 +407,7 @@ class Pipeline:
                     raise
                 except Exception as e:  # noqa: BLE001
                     res = _failure(e, "writing its outputs")
+                fault_point("image")  # its files written, its record not yet
             if isinstance(res, ImageResult):
                 H, W = res.maps.size
                 records.append(make_record({**image, "width": int(W), "height": int(H)}, res.detections))
@@ -442,6 +445,11 @@ class Pipeline:
             from . import ray_engine
 
             options = ray if ray is not None else ray_engine.RayOptions()
+            if str(self.cfg.model.device).startswith("cuda") and not options.gpus_per_actor:
+                # a CUDA model in an actor without a GPU fails on the worker after its start: reserve one,
+                # so that a cluster without GPUs is refused before any work
+                options = dataclasses.replace(options, gpus_per_actor=1.0)
+                log.info("--device %s with --engine ray: one GPU per actor (--gpus-per-actor 1)", self.cfg.model.device)
             ray_engine._connect_check()  # Ray missing: say so before any work
         planner = self
         if engine == "ray" and self._backend is None and str(self.cfg.model.device).startswith("cuda"):
@@ -483,6 +491,7 @@ class Pipeline:
         gt = None
         categories = None
         ignored: list[str] = []
+        skipped: list[dict] = []
         if coco_gt is not None:
             if images_dir is None:
                 raise InputError("--coco-gt needs --images-dir (the folder the file names are relative to)")
@@ -500,7 +509,11 @@ class Pipeline:
         else:
             if not inputs:
                 raise InputError("no inputs: pass folders, image files or .txt lists, or --coco-gt with --images-dir")
-            scanned, ignored = collect_inputs(list(inputs))
+            scanned, ignored = collect_inputs(list(inputs), skipped)
+            if skipped:
+                log.warning("%d entr%s of the input folders not searched (hidden, or links to folders), listed in "
+                            "run.yaml: %s", len(skipped), "y" if len(skipped) == 1 else "ies",
+                            ", ".join(s["path"] for s in skipped[:3]) + (", …" if len(skipped) > 3 else ""))
             input_desc = {"paths": [str(Path(i).expanduser().absolute()) for i in inputs],
                           "image_root": str(input_root(scanned)) if scanned else None}
         if queries_file is not None:
@@ -552,6 +565,8 @@ class Pipeline:
                 remove_stale_temps(out_dir / sub, recursive=True)
         meta = self._provenance(cfg, qs, started, command, shard, inputs, coco_gt, images_dir)
         meta["image_root"] = stored["inputs"].get("image_root")
+        if skipped:
+            meta["skipped_entries"] = skipped
         plan = RunPlan(out_dir, (index, count), records, out_dir / f"run{tag}.yaml", stored, qs, batches, todo,
                        meta, gt, ignored, retry_failed)
         write_yaml(plan.run_yaml, {**meta, "status": "running"})
