@@ -252,6 +252,19 @@ def test_gpu_actors_on_a_cluster_without_gpus_fail_fast(cluster, tmp_path, capsy
     assert "need --engine ray" in err
 
 
+def test_cuda_actors_on_a_cluster_without_gpus_fail_fast(cluster, tmp_path, capsys):
+    """--device cuda reserves a GPU per actor, so a cluster without GPUs is refused before any work (not a
+    Ray traceback around the model's load error on a worker)."""
+    src = scenes(tmp_path / "in", 2)
+    t0 = time.time()
+    err = label([str(src), *BASE, "-q", "a", "--out", str(tmp_path / "o"), "--engine", "ray", "--device", "cuda"],
+                capsys, 2)
+    assert time.time() - t0 < 60
+    assert "the Ray cluster has 0 GPU(s)" in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "records" / "records.jsonl").exists() or \
+        not (tmp_path / "o" / "records" / "records.jsonl").read_text()
+
+
 def test_driver_plans_on_the_cpu_for_gpu_actors(tmp_path, monkeypatch):
     """With model.device cuda, the driver (text embeddings, settings, merge) stays on the CPU, so a head node
     without a GPU can drive GPU actors; the actors get the configuration as given."""

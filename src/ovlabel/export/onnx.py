@@ -257,6 +257,9 @@ def export_onnx(model_name: str, pretrained: str | None, out_dir: str | Path, *,
                 text_encoder: bool = True) -> ExportResult:
     """Export, check parity, and only then write ``out_dir`` (see the module docstring)."""
     onnx, _ = _onnx_modules()
+    if not 7 <= int(opset) <= onnx.defs.onnx_opset_version():
+        raise InputError(f"--opset {opset}: this onnx ({onnx.__version__}) knows opsets up to "
+                         f"{onnx.defs.onnx_opset_version()}; ovlabel's graphs are tested at 17-23 (default 18)")
     from .. import __version__
     from ..config import load_config
     from ..legrad import read_tower
@@ -340,7 +343,12 @@ def export_onnx(model_name: str, pretrained: str | None, out_dir: str | Path, *,
                     ["embeddings"], {"tokens": {0: torch.export.Dim("prompts", min=1, max=65536)}}, opset)
             files.append(FILES["text_encoder"])
         for f in files:
-            onnx.checker.check_model(str(tmp / f))
+            try:
+                onnx.checker.check_model(str(tmp / f))
+            except onnx.checker.ValidationError as e:
+                first = str(e).strip().splitlines()[0]
+                raise UnsupportedModelError(f"the {f} graph exported at opset {opset} is not valid ONNX ({first}); "
+                                            "ovlabel's graphs are tested at opsets 17-23 (default 18)") from None
         text_note = None if tokens is not None else ("not exported" if not text_encoder else
                                                       "the tokenizer could not be built at export")
         parity.update(_parity(tmp, ref_enc, reference, TextEncoderGraph(lm.model).eval(), sizes, patch, mean, std,
