@@ -28,7 +28,7 @@ def worker(spec: dict) -> dict:
     import torch.nn.functional as F
 
     from ovlabel import compute_maps
-    from ovlabel.export.onnx import export_onnx
+    from ovlabel.apps.export_onnx import export_onnx
     from ovlabel.pipeline.onnx_backend import session
 
     logging.getLogger().setLevel(logging.ERROR)

@@ -77,9 +77,9 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of the local engine")
     args = p.parse_args(argv)
+    from ovlabel.apps.demo import DEMO_SIZES
     from ovlabel.datasets.shapes import write_coco
     from ovlabel.evaluation.report import markdown_table
-    from ovlabel.pipeline.demo import DEMO_SIZES
 
     cpus = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="ray-scale-") as tmp:

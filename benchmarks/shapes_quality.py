@@ -87,12 +87,12 @@ def main(argv=None) -> None:
 
 
 def report(args: argparse.Namespace, root: Path) -> None:
+    from ovlabel.apps.demo import DEMO_SIZES, random_object_baseline
+    from ovlabel.apps.postprocess import postprocess_heatmaps
     from ovlabel.datasets.shapes import write_coco
     from ovlabel.evaluation.report import markdown_table
     from ovlabel.export.coco import load_coco
     from ovlabel.pipeline import Pipeline
-    from ovlabel.pipeline.demo import DEMO_SIZES, random_object_baseline
-    from ovlabel.pipeline.offline import postprocess_heatmaps
 
     gt_path = write_coco(root / "data", args.images, args.seed, sizes=DEMO_SIZES)
     gt = load_coco(gt_path)
@@ -170,8 +170,8 @@ def refinement(args, root: Path, gt, gt_path: Path, heatmaps: Path, base_cfg) ->
     ``REFINE_SWEEP`` (the rest of the preset unchanged); extra time per image against ``none``."""
     import importlib.util
 
+    from ovlabel.apps.postprocess import postprocess_heatmaps
     from ovlabel.evaluation.report import markdown_table
-    from ovlabel.pipeline.offline import postprocess_heatmaps
 
     rows, table, base_ms = [], [], None
     methods = [("none", {}), ("superpixels", {}), ("superpixels", {"superpixels": "slic"}), ("pamr", {})]
@@ -204,13 +204,13 @@ def refinement(args, root: Path, gt, gt_path: Path, heatmaps: Path, base_cfg) ->
 
 def calibration(args, root: Path, gt, gt_path: Path, heatmaps: Path) -> list[dict]:
     """``ovlabel calibrate`` on other labelled scenes from the default post-processing, applied here."""
+    from ovlabel.apps.calibrate import calibrate
+    from ovlabel.apps.demo import DEMO_SIZES
+    from ovlabel.apps.postprocess import postprocess_heatmaps
     from ovlabel.config import load_config
     from ovlabel.datasets.shapes import write_coco
-    from ovlabel.evaluation.calibrate import calibrate
     from ovlabel.evaluation.report import markdown_table
     from ovlabel.pipeline import Pipeline
-    from ovlabel.pipeline.demo import DEMO_SIZES
-    from ovlabel.pipeline.offline import postprocess_heatmaps
 
     if args.calibrate_seed == args.seed:
         raise SystemExit("--calibrate-seed must differ from --seed: calibration scenes are not held out")

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from ovlabel import InputError
+from ovlabel.apps import benchmarks as B
 from ovlabel.cli import main
-from ovlabel.evaluation import benchmarks as B
 from ovlabel.legrad.base import METHODS, MethodOutput, register_method
 from test_pipeline import TINY
 

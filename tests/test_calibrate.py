@@ -10,13 +10,13 @@ import pytest
 import yaml
 
 from ovlabel import InputError
+from ovlabel.apps.calibrate import Calibrator, Setting, calibrate
+from ovlabel.apps.postprocess import postprocess_heatmaps
 from ovlabel.cli import main
 from ovlabel.config import load_config
 from ovlabel.datasets.shapes import write_coco
-from ovlabel.evaluation.calibrate import Calibrator, Setting, calibrate
 from ovlabel.evaluation.coco import evaluate
 from ovlabel.pipeline import Pipeline
-from ovlabel.pipeline.offline import postprocess_heatmaps
 
 
 @pytest.fixture(scope="module")

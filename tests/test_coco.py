@@ -16,13 +16,13 @@ from pycocotools.cocoeval import COCOeval
 
 from coco_fixtures import ABSENT, CATEGORIES, make_gt, write_oracle_heatmaps
 from ovlabel import CocoFormatError, InputError
+from ovlabel.apps.postprocess import postprocess_heatmaps
 from ovlabel.cli import main
+from ovlabel.common.categories import Categories, load_categories
 from ovlabel.evaluation.coco import STAT_NAMES, evaluate
-from ovlabel.export.categories import Categories, load_categories
 from ovlabel.export.coco import label_image, write_label_png
 from ovlabel.export.heatmaps import load_heatmaps, save_heatmaps
 from ovlabel.export.records import RecordWriter, finalize
-from ovlabel.pipeline.offline import postprocess_heatmaps
 from ovlabel.postprocess import Detections
 
 ORACLE = ["--set", "postprocess.threshold.method=fixed", "--set", "postprocess.threshold.value=0.5",

@@ -117,7 +117,7 @@ def test_the_yolo_exporter_refuses_names_that_escape(tmp_path):
                                           ("/etc/passwd", "absolute"), ("C:\\x.png", "absolute"),
                                           ("a/..", "does not name a file"), ("", "non-empty"), (3, "non-empty")])
 def test_relative_name_problems(name, problem):
-    from ovlabel.export.files import relative_name_problem
+    from ovlabel.common.files import relative_name_problem
 
     got = relative_name_problem(name)
     assert (got is None) if problem is None else (problem in got)
@@ -166,7 +166,7 @@ def test_a_foreign_cache_says_defaults_apply(tmp_path, capsys, caplog):
 
 # ------------------------------------------------------------------------ 3. caches are what they claim
 def test_caches_of_other_images_are_refused_against_a_ground_truth(coco_run, tmp_path, capsys):
-    from ovlabel.evaluation.calibrate import calibrate
+    from ovlabel.apps.calibrate import calibrate
 
     hm = coco_run / "run" / "heatmaps"
     first = json.loads((coco_run / "run" / "dataset.json").read_text())["images"]
@@ -188,7 +188,7 @@ def test_caches_of_other_images_are_refused_against_a_ground_truth(coco_run, tmp
 
 # ------------------------------------------------------------------------------------------ 4. hangs
 def test_a_fifo_named_npz_is_skipped_not_opened(coco_run, tmp_path, capsys, caplog):
-    from ovlabel.evaluation.calibrate import calibrate
+    from ovlabel.apps.calibrate import calibrate
 
     run = tmp_path / "run"
     shutil.copytree(coco_run / "run", run)
@@ -301,7 +301,7 @@ def test_queries_longer_than_the_context_warn(tmp_path, capsys, caplog):
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     pytest.importorskip("onnxruntime")
-    from ovlabel.export.onnx import export_onnx
+    from ovlabel.apps.export_onnx import export_onnx
 
     root = tmp_path_factory.mktemp("onnx")
     last2 = export_onnx(TINY, "none", root / "last2", size=64)
@@ -399,7 +399,7 @@ def test_ctrl_c_stops_an_export_even_when_the_exporter_swallows_it(tmp_path, cap
 
 
 def test_a_killed_exports_folder_is_removed_by_the_next(tmp_path):
-    from ovlabel.export.onnx import TMP_PREFIX, remove_dead_exports
+    from ovlabel.apps.export_onnx import TMP_PREFIX, remove_dead_exports
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -543,7 +543,7 @@ def test_every_command_answers_malformed_input_with_one_error_line(coco_run, exp
 
 
 def test_actor_pools_the_cluster_cannot_host_are_refused():
-    from ovlabel.pipeline.ray_engine import RayOptions, size_actors
+    from ovlabel.pipeline.engines.ray import RayOptions, size_actors
 
     for actors in ((64, 64), (1, 1000)):
         with pytest.raises(InputError, match="--actors|can host"):

@@ -69,6 +69,10 @@ def test_background_contrast_matches_autograd_reference(name, mode):
         compute_maps(model, images, text, contrast=bg[:, :3])
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
 @pytest.mark.parametrize("name", ["ovl-test-vit", "ovl-test-siglip", "ovl-test-siglip-prefix", "ovl-test-coca"])
 @pytest.mark.parametrize("size", [(40, 24), (16, 56)])
 def test_any_input_size_matches_reference(name, size):
@@ -81,7 +85,8 @@ def test_any_input_size_matches_reference(name, size):
     assert ours.shape == (1, 2, *size)
     assert (ours - ref).abs().max().item() <= 1e-5
     after = model.state_dict()
-    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    # bitwise: random init leaves some tensors uninitialised (CoCa's text projection), and NaN != NaN
+    changed = [k for k in before if not same_bits(before[k], after[k])]
     assert not changed, {k: (before[k].flatten()[:4], after[k].flatten()[:4]) for k in changed}
 
 

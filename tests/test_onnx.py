@@ -15,7 +15,9 @@ import torch.nn.functional as F
 import yaml
 
 from ovlabel import UnsupportedModelError, compute_maps
-from ovlabel.export.onnx import EXPORTABLE, content_digest, export_onnx
+from ovlabel.apps.export_onnx import export_onnx
+from ovlabel.export.onnx import content_digest
+from ovlabel.legrad.catalog import EXPORTABLE
 from test_pipeline import BASE, REAL, TINY, label, scenes
 
 onnx = pytest.importorskip("onnx", reason="the onnx extra is part of the README's install")

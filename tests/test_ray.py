@@ -18,7 +18,8 @@ import yaml
 
 from ovlabel import InputError
 from ovlabel.cli import main
-from ovlabel.pipeline.ray_engine import RayOptions, parse_actors, shard_from_environment, size_actors
+from ovlabel.pipeline.engines.ray import RayOptions, parse_actors, size_actors
+from ovlabel.pipeline.run import shard_from_environment
 from test_pipeline import BASE, REAL, label, scenes
 
 ray = pytest.importorskip("ray", reason="the ray extra is part of the README's install")
@@ -107,8 +108,8 @@ def test_decode_workers_do_not_import_torch(cluster, tmp_path):
 
     import ray.data
 
+    from ovlabel.pipeline.engines.ray import decode_batch
     from ovlabel.pipeline.images import ImageItem
-    from ovlabel.pipeline.ray_engine import decode_batch
 
     src = scenes(tmp_path / "in", 2)
     items = [ImageItem(i, p, p.name) for i, p in enumerate(sorted(src.iterdir()))]
@@ -269,13 +270,14 @@ def test_driver_plans_on_the_cpu_for_gpu_actors(tmp_path, monkeypatch):
     """With model.device cuda, the driver (text embeddings, settings, merge) stays on the CPU, so a head node
     without a GPU can drive GPU actors; the actors get the configuration as given."""
     from ovlabel import Pipeline
-    from ovlabel.pipeline import ray_engine
+    from ovlabel.pipeline.engines import local as local_engine
+    from ovlabel.pipeline.engines import ray as ray_engine
 
     seen = {}
 
     def fake_execute(planner, plan, options, config=None):
         seen.update(planner=planner.cfg.model.device, actors=config.model.device, loaded=str(planner.model.device))
-        return planner.execute(plan)  # the batches, locally: what matters here is who planned
+        return local_engine.execute(planner, plan)  # the batches, locally: what matters here is who planned
 
     monkeypatch.setattr(ray_engine, "execute", fake_execute)
     pipe = Pipeline.from_config(None, **{"model.name": BASE[1], "model.pretrained": "none", "model.device": "cuda",

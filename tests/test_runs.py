@@ -238,7 +238,7 @@ def test_outputs_get_the_permissions_of_a_normal_write(tmp_path, capsys):
 
 
 def test_atomic_write_leaves_nothing_on_error(tmp_path):
-    from ovlabel.export.files import atomic_write
+    from ovlabel.common.files import atomic_write
 
     target = tmp_path / "x.json"
     target.write_text("old")
@@ -484,7 +484,7 @@ def test_polygon_segmentation_is_faithful_to_the_mask():
 def test_polygon_dataset_matches_predictions(tmp_path):
     from pycocotools import mask as mask_utils
 
-    from ovlabel.export.categories import Categories
+    from ovlabel.common.categories import Categories
     from ovlabel.export.records import RecordWriter, finalize
     from ovlabel.postprocess import Detections
 
@@ -738,57 +738,6 @@ def test_decoding_and_records_do_not_import_torch():
             "from ovlabel.pipeline.images import decode_item, read_image; "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]")
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def _import_graph() -> dict[str, set[str]]:
-    import ast
-
-    root = Path(__import__("ovlabel").__file__).parent
-    graph: dict[str, set[str]] = {}
-    for path in root.rglob("*.py"):
-        mod = ".".join(("ovlabel", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
-        pkg = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
-        deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                base = pkg
-                for _ in range(node.level - 1):
-                    base = base.rsplit(".", 1)[0]
-                name = f"{base}.{node.module}" if node.level and node.module else (node.module if not node.level
-                                                                                    else base)
-                if name and name.startswith("ovlabel"):
-                    deps.add(name)
-                    deps.update(f"{name}.{a.name}" for a in node.names)
-            elif isinstance(node, ast.Import):
-                deps.update(a.name for a in node.names if a.name.startswith("ovlabel"))
-        graph[mod] = deps
-    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
-
-
-def test_module_graph_has_no_cycles_and_flows_downstream():
-    graph = _import_graph()
-    assert "ovlabel.legrad.explain" not in graph["ovlabel.legrad.methods"]
-    for mod, deps in graph.items():
-        if mod.startswith("ovlabel.datasets"):
-            assert not any(d.startswith("ovlabel.pipeline") for d in deps), (mod, deps)
-    pkgs = {"ovlabel", "ovlabel.pipeline", "ovlabel.postprocess", "ovlabel.legrad", "ovlabel.export",
-            "ovlabel.evaluation", "ovlabel.datasets", "ovlabel.models"}
-    state: dict[str, int] = {}
-
-    def visit(m, stack):
-        state[m] = 1
-        for d in graph[m]:
-            if d in pkgs:  # package __init__ files only re-export lazily
-                continue
-            if state.get(d) == 1:
-                raise AssertionError("import cycle: " + " -> ".join([*stack, m, d]))
-            if d not in state:
-                visit(d, [*stack, m])
-        state[m] = 2
-
-    for m in graph:
-        if m not in state:
-            visit(m, [])
 
 
 def test_label_batch_is_the_engine_neutral_step_of_a_run(tmp_path):

@@ -55,7 +55,7 @@ def test_write_coco_is_valid(tmp_path):
 
 
 def test_training_script_runs(tmp_path):
-    from ovlabel.datasets.train_shapes import MODEL_NAME, train
+    from ovlabel.apps.train_shapes import MODEL_NAME, train
 
     summary = train(tmp_path, steps=3, pool=64, batch=16)
     assert summary["steps"] == 3 and 0 <= summary["zero_shot_single_object"] <= 1
@@ -67,7 +67,7 @@ def test_shipped_model_loads_and_genuinely_learned():
     import open_clip
     import torch.nn.functional as F
 
-    from ovlabel.datasets.train_shapes import EVAL_TEMPLATE, to_tensor
+    from ovlabel.apps.train_shapes import EVAL_TEMPLATE, to_tensor
     from ovlabel.pipeline.models import load_model, shipped_models
 
     assert "ovlabel-shapes" in shipped_models()

@@ -2,6 +2,10 @@
 
 Every command is ``main(argv)``-callable from tests. User errors (``OvlabelError``) are printed as one
 ``error:`` line and exit with status 2; anything else is a bug and keeps its traceback.
+
+Each command imports the library's rooms it needs inside its function, on purpose: ``ovlabel --help``,
+``ovlabel methods`` and ``ovlabel merge`` start without importing torch (~2 s), which
+``tests/test_runs.py::test_decoding_and_records_do_not_import_torch`` checks.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 from . import __version__
 from .errors import InputError, OvlabelError
+from .legrad.catalog import EXPORTABLE  # torch-free
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
@@ -44,7 +49,7 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_postprocess(args: argparse.Namespace) -> int:
-    from .pipeline.offline import postprocess_heatmaps
+    from .apps.postprocess import postprocess_heatmaps
 
     summary = postprocess_heatmaps(args.heatmaps, args.out, config=args.config,
                                    overrides=[*args.set, *_export_overrides(args)], gt=args.coco_gt,
@@ -155,12 +160,12 @@ def _cmd_label(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _label_overrides(args))
     shard, ray_options = args.shard, None
     if shard == "auto":
-        from .pipeline.ray_engine import shard_from_environment
+        from .pipeline.run import shard_from_environment
 
         shard = shard_from_environment()
         logging.getLogger("ovlabel").info("--shard auto: shard %d of %d", *shard)
     if args.engine == "ray":
-        from .pipeline.ray_engine import RayOptions, parse_actors
+        from .pipeline.engines.ray import RayOptions, parse_actors
 
         ray_options = RayOptions(address=args.ray_address, actors=parse_actors(args.actors) if args.actors else None,
                                  gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor)
@@ -180,7 +185,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
         summary = pipe.run(args.inputs, args.out, queries=queries, queries_file=args.queries_file,
                            coco_gt=args.coco_gt, images_dir=args.images_dir, resume=args.resume, shard=shard,
                            retry_failed=args.retry_failed, command=shlex.join(["ovlabel", *(args.argv or [])]),
-                           engine=args.engine, ray=ray_options)
+                           engine=args.engine, engine_options=ray_options)
     c = summary["counts"]
     print(f"labelled {c['labelled']} images ({c['detections']} detections), {c['failed']} failed, "
           f"{c['resumed_skipped']} already done -> {args.out}")
@@ -224,8 +229,8 @@ def _set_threads(n: int) -> None:
 
 
 def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    from .apps.export_onnx import export_onnx
     from .config import load_config
-    from .export.onnx import export_onnx
 
     sets: list[str | tuple[str, Any]] = list(args.set)
     if args.model:
@@ -249,7 +254,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from .evaluation import benchmarks as b
+    from .apps import benchmarks as b
 
     if args.threads is not None:
         _set_threads(args.threads)
@@ -259,7 +264,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     if args.benchmark == "imagenet-seg":
         labels = None
         if args.labels:
-            from .export.categories import load_categories
+            from .common.categories import load_categories
 
             labels = list(load_categories(args.labels).names)
         r = b.imagenet_segmentation(args.mat, args.out, ex, labels=labels, **common)
@@ -276,7 +281,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from .evaluation.calibrate import calibrate
+    from .apps.calibrate import calibrate
 
     r = calibrate(args.heatmaps, args.coco_gt, args.out, metric=args.metric, per_class=args.per_class,
                   folds=args.folds, config=args.config, images=args.images)
@@ -301,7 +306,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .pipeline.demo import run_demo
+    from .apps.demo import run_demo
 
     r = run_demo(args.out, images=args.images, seed=args.seed, config=args.config, progress=not args.no_progress)
     print(f"segm AP {100 * r['segm']['AP']:.1f}  AP50 {100 * r['segm']['AP50']:.1f} | bbox AP "
@@ -312,12 +317,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_demo(args: argparse.Namespace) -> int:
-    from .datasets.train_shapes import train
+    from .apps.train_shapes import train
 
     summary = train(args.out, steps=args.steps, minutes=args.minutes, seed=args.seed, pool=args.pool,
                     batch=args.batch, lr=args.lr)
     if args.ship:
-        from .datasets.train_shapes import ship
+        from .apps.train_shapes import ship
 
         ship(args.out)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
@@ -492,8 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic-size", action="store_true", help="any input height and width (a multiple of the "
                    "patch size), positional embeddings resampled in the graph")
     p.add_argument("--layers", help="blocks of the explainers: all | -n | [i,j] {config: explainer.layers}")
-    p.add_argument("--method", action="append", help="explainer to export (repeatable): legrad, chefercam, gradcam, "
-                   "raw_attention, rollout {config: explainer.method}")
+    p.add_argument("--method", action="append", help=f"explainer to export (repeatable): {', '.join(EXPORTABLE)} "
+                   "{config: explainer.method}")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset")
     p.add_argument("--fp16", action="store_true", help="half-precision graphs (for GPUs; parity checked with the "
                    "fp16 tolerances)")

@@ -144,15 +144,12 @@ class PostprocessConfig(_Section):
     nms_iou: float = Field(default=0.5, ge=0.0, le=1.0)
 
 
-FORMATS = ("masks-instance", "masks-semantic", "yolo-seg", "yolo-det")
-
-
 class ExportConfig(_Section):
     segmentation: Literal["rle", "polygon"] = "rle"
     heatmaps: bool = False
     overlays: bool = False
     masks: Literal["instance", "semantic"] | None = None  # shorthand for formats: [masks-instance|semantic]
-    formats: list[Literal["masks-instance", "masks-semantic", "yolo-seg", "yolo-det"]] = []  # ovlabel.export.formats
+    formats: list[str] = []  # names of ovlabel.export.formats' registry (checked there, before any work)
     dataset_min_score: float = Field(default=0.0, ge=0.0, le=1.0)  # dataset.json (and formats) keep scores >= this
 
     @property
@@ -167,13 +164,17 @@ def formats_of(export: dict) -> list[str]:
     return ([f"masks-{masks}"] if masks and f"masks-{masks}" not in formats else []) + formats
 
 
+MAX_PIXELS = 178_956_970  # the decompression-bomb guard: Pillow's error threshold (2 × its MAX_IMAGE_PIXELS)
+MAX_ASPECT_RATIO = 20.0  # longer side / shorter side of an image a run takes
+
+
 class RunConfig(_Section):
     batch_size: int = Field(default=4, ge=1)
     workers: int = Field(default=2, ge=0)
     strict: bool = False
     progress: bool = True
-    max_pixels: int = Field(default=178_956_970, ge=1)  # decompression-bomb guard (Pillow's default × 2)
-    max_aspect_ratio: float = Field(default=20.0, ge=1.0)  # longer side / shorter side; beyond: refused
+    max_pixels: int = Field(default=MAX_PIXELS, ge=1)  # images (and heatmap caches' sizes) above it are refused
+    max_aspect_ratio: float = Field(default=MAX_ASPECT_RATIO, ge=1.0)  # longer side / shorter side; beyond: refused
 
 
 class Config(_Section):

@@ -173,7 +173,10 @@ def imagenet_val(root: str | Path, devkit: str | Path | None = None) -> list[tup
     for f in (truth, meta):
         if not f.is_file():
             raise InputError(f"the devkit {dk} has no {f.relative_to(dk)}")
-    from scipy.io import loadmat
+    try:  # the benchmarks extra: only this reader needs scipy
+        from scipy.io import loadmat
+    except ImportError:
+        raise InputError("reading the ImageNet devkit needs scipy: pip install 'ovlabel[benchmarks]'") from None
 
     synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
     id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}

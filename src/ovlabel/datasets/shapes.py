@@ -20,6 +20,8 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from ..common.files import atomic_write, fsync_dir, write_json
+
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 COLOURS = {
     "red": (220, 40, 40),
@@ -169,8 +171,6 @@ def write_coco(out_dir: str | Path, n: int, seed: int, *, sizes: Sequence[tuple[
                first_id: int = 1) -> Path:
     """Write ``out_dir/images/*.png`` and ``out_dir/annotations.json`` (COCO, RLE masks)."""
     from PIL import Image
-
-    from ..export.files import atomic_write, fsync_dir, write_json
 
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from ..legrad.base import image_text_logits
 
 Tensor = torch.Tensor
 ScoreFn = Callable[[Tensor], Tensor]
@@ -163,8 +164,6 @@ def clip_score_fn(model, text_embeddings: Tensor, targets: Sequence[int] | Tenso
         raise InputError(f"kind must be 'probability', 'logit' or 'correct', got {kind!r}")
     text = F.normalize(text_embeddings, dim=-1)
     target = torch.as_tensor(targets, dtype=torch.long, device=text.device).reshape(-1)
-
-    from ..legrad.base import image_text_logits
 
     @torch.no_grad()
     def score(images: Tensor) -> Tensor:

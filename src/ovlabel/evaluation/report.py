@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..common.files import atomic_write
+
 
 def overlay_grid(paths: list[Path], out: Path, columns: int = 4, width: int = 1200) -> Path:
     """Tile overlay pictures into one PNG."""
@@ -24,7 +26,6 @@ def overlay_grid(paths: list[Path], out: Path, columns: int = 4, width: int = 12
         for c, cell in enumerate(cells[r * columns : (r + 1) * columns]):
             grid.paste(cell, (c * cell_w, y))
         y += row_h[r]
-    from ..export.files import atomic_write
 
     with atomic_write(out, "wb") as f:
         grid.save(f, format="PNG")
@@ -42,8 +43,6 @@ def _figure(size: tuple[float, float]):
 
 
 def _save(fig, out: Path) -> None:
-    from ..export.files import atomic_write
-
     fig.tight_layout()
     with atomic_write(out, "wb") as f:
         fig.savefig(f, dpi=110, format=Path(out).suffix.lstrip(".") or "png")

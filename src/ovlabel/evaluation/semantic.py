@@ -18,6 +18,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import InputError
+from ..export.coco import check_results
+from ..export.heatmaps import check_cache_against_gt, list_heatmap_files, load_heatmaps
+from ..postprocess.rle import decode
+from .coco import image_sizes
+from .faithfulness import pointing_game
 
 
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -166,12 +171,6 @@ def semantic_evaluation(gt, results: list[dict], *, heatmap_dir=None, score_thre
     * ``maps`` (with ``heatmap_dir``): FG/BG metrics (mean threshold and 0.5) and the pointing game of
       each cached map whose query is a category present in the image.
     """
-    from ..export.coco import check_results
-    from ..export.heatmaps import list_heatmap_files, load_heatmaps
-    from ..pipeline.offline import check_cache_against_gt
-    from ..postprocess.rle import decode
-    from .coco import image_sizes
-    from .faithfulness import pointing_game
 
     # results of images the ground truth lacks are left out (as ``evaluate(unknown_images="warn")`` does);
     # the others are checked, geometry included, before any mask is decoded

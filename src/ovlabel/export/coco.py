@@ -26,10 +26,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from ..common.files import atomic_write, file_kind, write_json
 from ..errors import CocoFormatError, InputError
 from ..postprocess.detections import Detections
+from ..postprocess.masks import fill_mask_holes
 from ..postprocess.rle import decode
-from .files import atomic_write, file_kind, write_json
 
 POLYGON_MIN_IOU = 0.98
 PNG_MAX_VALUE = 65535
@@ -42,7 +43,7 @@ def quiet():
 
 
 def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = None) -> Path:
-    """Write JSON atomically (see :func:`ovlabel.export.files.atomic_write`)."""
+    """Write JSON atomically (see :func:`ovlabel.common.files.atomic_write`)."""
     return write_json(path, obj, indent=indent)
 
 
@@ -285,7 +286,6 @@ def mask_polygons(mask: np.ndarray) -> list[list[float]]:
 
 def has_holes(mask: np.ndarray) -> bool:
     """Whether a binary mask encloses background (4-connected background not reaching the border)."""
-    from ..postprocess.masks import fill_mask_holes
 
     return bool((fill_mask_holes(mask) != (mask != 0)).any())
 

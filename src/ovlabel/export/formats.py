@@ -34,10 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import __version__
+from ..common.files import atomic_write, contained, fsync_dir, json_text, output_stem, write_json, write_text
+from ..config import formats_of
 from ..errors import InputError
 from ..postprocess.rle import decode
 from .coco import check_png_category_ids, mask_polygons
-from .files import atomic_write, contained, fsync_dir, json_text, output_stem, write_json, write_text
+from .records import DATASET, finalize
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +74,17 @@ def register_exporter(name: str) -> Callable[[Exporter], Exporter]:
     return wrap
 
 
-def export(formats: list[str], dataset_path: str | Path, out_dir: str | Path,
-           image_paths: dict[int, Path] | None = None) -> dict[str, dict]:
-    """Write each of ``formats`` from ``dataset_path`` (a ``dataset.json``) into ``out_dir``."""
+def check_formats(formats: list[str]) -> None:
+    """Refuse (``InputError``) format names that no exporter is registered under, listing those that are."""
     unknown = [f for f in formats if f not in EXPORTERS]
     if unknown:
         raise InputError(f"unknown export format(s) {unknown}; available: {', '.join(sorted(EXPORTERS))}")
+
+
+def export(formats: list[str], dataset_path: str | Path, out_dir: str | Path,
+           image_paths: dict[int, Path] | None = None) -> dict[str, dict]:
+    """Write each of ``formats`` from ``dataset_path`` (a ``dataset.json``) into ``out_dir``."""
+    check_formats(formats)
     if not formats:
         return {}
     with open(dataset_path, encoding="utf-8") as f:
@@ -89,9 +97,6 @@ def write_dataset(record_paths, out_dir: str | Path, categories, *, export_cfg: 
                   image_root: str | Path | None = None, image_paths: dict[int, Path] | None = None) -> dict:
     """The end of every run, merge or re-threshold: records → ``predictions.json`` and ``dataset.json``
     (:func:`ovlabel.export.records.finalize`), then the dataset formats the ``export`` section asks for."""
-    from .. import __version__
-    from ..config import formats_of
-    from .records import finalize
 
     info = {"description": "ovlabel pseudo-labels", "version": __version__}
     if image_root is not None:
@@ -99,7 +104,7 @@ def write_dataset(record_paths, out_dir: str | Path, categories, *, export_cfg: 
     out_dir = Path(out_dir)
     merged = finalize(record_paths, out_dir, categories, gt=gt, segmentation=export_cfg.get("segmentation", "rle"),
                       info=info, dataset_min_score=float(export_cfg.get("dataset_min_score") or 0.0))
-    merged["formats"] = export(formats_of(export_cfg), out_dir / "dataset.json", out_dir, image_paths)
+    merged["formats"] = export(formats_of(export_cfg), out_dir / DATASET, out_dir, image_paths)
     return merged
 
 

@@ -37,9 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..common.files import atomic_write, file_kind
+from ..config import MAX_PIXELS
 from ..errors import InputError
 from ..postprocess.geometry import ImageMaps
-from .files import atomic_write, file_kind
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,6 @@ MAX_HEATMAP_BYTES = 2**31  # declared size of 'heatmaps' above which a file is r
 MAX_FIELD_BYTES = 2**26  # any other field
 MAX_TILES = 4096  # tile maps in one file
 MAX_TILE_COVERAGE = 100  # the tiles' total area over the image's: what any overlap < 0.9 can make
-DEFAULT_MAX_PIXELS = 178_956_970  # run.max_pixels' default: an image 'size' above the limit is refused
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ def _check_declared(path: Path, max_bytes: int) -> None:
 
 
 def load_heatmaps(path: str | Path, *, max_bytes: int = MAX_HEATMAP_BYTES,
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> HeatmapRecord:
+                  max_pixels: int = MAX_PIXELS) -> HeatmapRecord:
     """Read and validate one cache file (version 1 or 2); errors name the file and the field. Work is
     bounded before anything is allocated: the declared array sizes (``max_bytes``), the image ``size``
     (``max_pixels``, as ``run.max_pixels`` bounds the images a run reads) and the tiles (at most
@@ -232,6 +232,24 @@ def load_heatmaps(path: str | Path, *, max_bytes: int = MAX_HEATMAP_BYTES,
                              f"overlap at most {MAX_TILE_COVERAGE} times")
         regions = tuple(tuple(int(v) for v in t) for t in tiles.tolist())
     return HeatmapRecord(heat, queries, int(image_id), file_name, presence, image_size, regions)
+
+
+def check_cache_against_gt(f: Path, rec: HeatmapRecord, gt_coco, gt) -> str:
+    """A cache used with a ground truth must be of that ground truth's image: its id exists, its size is
+    the image's, and its ``file_name`` is the image's (another run's caches can share ids and sizes).
+    Returns the ground truth's file name."""
+    img = gt_coco.imgs.get(rec.image_id)
+    if img is None:
+        raise InputError(f"{f}: field 'image_id' {rec.image_id} is not in {gt}")
+    H, W = rec.size
+    if (img.get("height"), img.get("width")) != (H, W):
+        raise InputError(f"{f}: field 'heatmaps' is {W}x{H} but image {rec.image_id} of {gt} "
+                              f"is {img.get('width')}x{img.get('height')}")
+    name = img.get("file_name")
+    if not isinstance(name, str) or os.path.normpath(rec.file_name) != os.path.normpath(name):
+        raise InputError(f"{f}: field 'file_name' is {rec.file_name!r} but image {rec.image_id} of {gt} is "
+                              f"{name!r}: these heatmaps are not of this ground truth's images")
+    return name
 
 
 def scan_heatmap_files(directory: str | Path) -> tuple[list[Path], list[dict]]:

@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..common.files import atomic_write
 from ..postprocess.detections import Detections
-from .files import atomic_write
 
 
 def colour(i: int) -> tuple[int, int, int]:

@@ -9,7 +9,7 @@ skipped. A record is ``{"image": {id, file_name, width, height}, "results": [...
 Durability: a batch's records are written as complete lines with one append and fsynced; a new record
 file's folder is fsynced. A write cut short (a kill mid-write, a full disk) can only leave half a line
 at the end of the file: :class:`RecordWriter` cuts it off when it opens the file, and a full disk makes
-the writer cut back to the last batch before it raises (:func:`ovlabel.export.files.append_lines`).
+the writer cut back to the last batch before it raises (:func:`ovlabel.common.files.append_lines`).
 
 :func:`finalize` merges any number of record files (shards, resumed runs): one record per image id (the
 last one wins), images sorted by id, annotation ids 1..N in that order — so the merged files do not
@@ -29,13 +29,24 @@ from pathlib import Path
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from ..common.categories import Categories
+from ..common.files import (
+    append_lines,
+    atomic_write,
+    cut_torn_tail,
+    fault_point,
+    file_mode,
+    fsync_dir,
+    json_text,
+    output_error,
+)
 from ..errors import CocoFormatError
 from ..postprocess.detections import Detections
-from .categories import Categories
 from .coco import check_results, coco_from_dict, detections_to_results, quiet, segmentation_for_dataset
-from .files import append_lines, atomic_write, cut_torn_tail, fault_point, file_mode, fsync_dir, json_text, output_error
 
 VALIDATE_CHUNK = 2000
+PREDICTIONS = "predictions.json"  # every detection, for evaluation
+DATASET = "dataset.json"  # the pseudo-label dataset
 
 
 def make_record(image: dict, dets: Detections | None = None, error: str | None = None) -> dict:
@@ -133,10 +144,6 @@ def read_records(paths: Iterable[str | Path]) -> Iterator[dict]:
         yield rec
 
 
-def done_image_ids(paths: Iterable[str | Path]) -> set[int]:
-    return {int(r["image"]["id"]) for r in read_records(paths)}
-
-
 def merged_records(paths: Iterable[str | Path]) -> list[dict]:
     """One record per image id (the last written wins), sorted by id."""
     latest: dict[int, dict] = {}
@@ -175,8 +182,8 @@ def finalize(
                       "images": images, "categories": categories.to_coco()})
     n_ann = 0
     chunk: list[dict] = []
-    with atomic_write(out_dir / "predictions.json", "w", encoding="utf-8") as pf, \
-            atomic_write(out_dir / "dataset.json", "w", encoding="utf-8") as df:
+    with atomic_write(out_dir / PREDICTIONS, "w", encoding="utf-8") as pf, \
+            atomic_write(out_dir / DATASET, "w", encoding="utf-8") as df:
         preds = _JsonArray(pf, "[", "]")
         data = _JsonArray(df, head[:-1] + ', "annotations": [', "]}")
         for rec in ok:
@@ -209,7 +216,7 @@ def finalize(
         preds.close()
         data.close()
         fault_point("finalize")  # both files written, neither renamed into place
-    coco_from_dict(json.loads((out_dir / "dataset.json").read_text(encoding="utf-8")), "dataset.json")
+    coco_from_dict(json.loads((out_dir / DATASET).read_text(encoding="utf-8")), DATASET)
     return {"images": len(ok), "annotations": n_ann, "failures": failures}
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from .catalog import BUILTIN
 from .towers import Tower
 
 Tensor = torch.Tensor
@@ -64,7 +65,6 @@ METHODS: dict[str, Method] = {}
 def register_method(name: str, *, default_layers: Layers = None, summary: str | None = None) -> Callable:
     """Register ``fn(inp: ExplainInput, **options) -> Tensor [B,K|1,gh,gw] | MethodOutput`` under ``name``.
     The built-in methods take their default blocks and summary from :mod:`ovlabel.legrad.catalog`."""
-    from .catalog import BUILTIN
 
     if name in BUILTIN:
         default_layers = BUILTIN[name].default_layers if default_layers is None else default_layers

@@ -46,6 +46,10 @@ BUILTIN: dict[str, MethodInfo] = {
 }
 
 
+# the methods whose maps are a plain forward graph (closed form, no autograd): what ONNX export takes
+EXPORTABLE = ("legrad", "chefercam", "gradcam", "raw_attention", "rollout")
+
+
 def describe() -> dict[str, str]:
     """Name → summary of the built-in methods (what ``ovlabel methods`` prints)."""
     return {name: BUILTIN[name].summary for name in sorted(BUILTIN)}

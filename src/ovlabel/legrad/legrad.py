@@ -166,7 +166,7 @@ def _layer_map(tower: Tower, blk: Block, cache: BlockCache, z: Tensor, text: Ten
     H = blk.heads
     P = tower.num_prefix
     f, head_cache = run_forward(tower.legrad_head, z)
-    hidden = blk.mlp.branch[1].weight.shape[0] if len(blk.mlp.branch) > 1 else D
+    hidden = blk.mlp.hidden
     per_query = B * (H * T * T if batched else T * max(hidden, D))
     parts = []
     for sl in query_chunks(text.shape[0], per_query, chunk_size, z.device):

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..errors import UnsupportedModelError
 from .base import accumulation_dtype, image_text_logits, logit_scale, query_chunks
 from .baselines import patches, readout_row
-from .ops import Activation, LayerNorm, Linear, MeanTokens, Op, Scale, SelectToken
+from .ops import Activation, LayerNorm, Linear, MeanTokens, Op, SelectToken
 from .towers import Block, Tower, merge_heads, split_heads
 
 Tensor = torch.Tensor
@@ -102,11 +102,8 @@ class _BlockState:
 
 
 def _mlp_parts(blk: Block) -> tuple[LayerNorm | None, Linear, Activation, Linear, Tensor | None]:
-    ops = list(blk.mlp.branch)
-    ln2 = ops.pop(0) if isinstance(ops[0], LayerNorm) else None
-    fc1, act, fc2 = ops[0], ops[1], ops[2]
-    gamma2 = ops[3].gamma if len(ops) > 3 and isinstance(ops[3], Scale) else None
-    return ln2, fc1, act, fc2, gamma2
+    m = blk.mlp
+    return m.norm, m.fc1, m.act, m.fc2, m.gamma
 
 
 def _block_forward(blk: Block, x: Tensor) -> tuple[Tensor, _BlockState]:

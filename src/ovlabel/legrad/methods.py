@@ -68,9 +68,15 @@ def legrad(inp: ExplainInput, *, chunk_size: int | None = None, batched: bool | 
     if empty_prompt is None:
         return MethodOutput(grid, embedding=embedding)
     maps = finalize_maps(grid, inp.tower.patch_size, text.shape[0])
+    return MethodOutput(empty_prompt_correction(maps), final=True, embedding=embedding)
+
+
+def empty_prompt_correction(maps: Tensor) -> Tensor:
+    """The published SigLIP correction: ``maps [B,K+1,H,W]`` (normalised) whose last map is the empty
+    prompt's ("a photo of a") → ``[B,K,H,W]`` with the pixels where the empty prompt's map exceeds
+    :data:`EMPTY_PROMPT_THRESHOLD` set to zero."""
     maps, empty = maps[:, :-1], maps[:, -1:]
-    corrected = torch.where(empty > EMPTY_PROMPT_THRESHOLD, torch.zeros_like(maps), maps).contiguous()
-    return MethodOutput(corrected, final=True, embedding=embedding)
+    return torch.where(empty > EMPTY_PROMPT_THRESHOLD, torch.zeros_like(maps), maps).contiguous()
 
 
 @register_method("raw_attention")

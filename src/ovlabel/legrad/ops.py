@@ -137,6 +137,36 @@ class Residual:
 
 
 @dataclass(frozen=True)
+class Mlp:
+    """A transformer block's MLP residual, its parts named: ``x + γ·fc2(act(fc1(norm(x))))`` (``norm``
+    and ``γ`` optional). Forward and backward are those of :class:`Residual` over :attr:`branch`."""
+
+    norm: LayerNorm | None
+    fc1: Linear
+    act: Activation
+    fc2: Linear
+    gamma: Tensor | None = None
+
+    @property
+    def branch(self) -> tuple[Op, ...]:
+        ops: list[Op] = [] if self.norm is None else [self.norm]
+        ops += [self.fc1, self.act, self.fc2]
+        return tuple(ops) if self.gamma is None else (*ops, Scale(self.gamma))
+
+    @property
+    def hidden(self) -> int:
+        """Width of the hidden layer (``fc1``'s outputs)."""
+        return int(self.fc1.weight.shape[0])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Any]]:
+        y, caches = run_forward(self.branch, x)
+        return x + y, caches
+
+    def backward(self, g: Tensor, cache: list[Any]) -> Tensor:
+        return g + run_backward(self.branch, cache, g)
+
+
+@dataclass(frozen=True)
 class SelectToken:
     """Take token ``index`` of ``[B, T, D]`` → ``[B, D]`` (CLS pooling, first latent query)."""
 

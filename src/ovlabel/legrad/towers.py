@@ -31,9 +31,8 @@ from .ops import (
     LayerNorm,
     Linear,
     MeanTokens,
+    Mlp,
     Op,
-    Residual,
-    Scale,
     SelectToken,
     run_forward,
 )
@@ -66,7 +65,7 @@ class Block:
     heads: int
     out: Linear  # D → D
     gamma1: Tensor | None
-    mlp: Residual  # LN2 → fc1 → act → fc2 (→ γ2)
+    mlp: Mlp  # LN2 → fc1 → act → fc2 (→ γ2)
 
     @property
     def width(self) -> int:
@@ -224,8 +223,7 @@ class BlockCache:
     v: Tensor  # [B,H,T,d]
     mlp: list[Any]
     attn: Tensor | None = None  # [B,H,T,T]
-    x_in: Tensor | None = None
-    x_mid: Tensor | None = None
+    x_mid: Tensor | None = None  # [B,T,D]: the residual stream between attention and MLP
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
@@ -270,7 +268,7 @@ def block_forward(blk: Block, x: Tensor, *, keep_attn: bool = False) -> tuple[Te
         attn = None
         ctx = F.scaled_dot_product_attention(q, k, v)
     x_mid, z, mlp_cache = block_finish(blk, x, merge_heads(ctx))
-    return z, BlockCache(v=v, mlp=mlp_cache, attn=attn, x_in=x, x_mid=x_mid)
+    return z, BlockCache(v=v, mlp=mlp_cache, attn=attn, x_mid=x_mid)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,18 +317,12 @@ def _scale(m: nn.Module) -> Tensor | None:
 
 
 def _mlp_branch(norm: nn.Module, fc1: nn.Module, act: nn.Module, fc2: nn.Module, where: str,
-                mid_norm: nn.Module | None = None, gamma: Tensor | None = None) -> Residual:
+                mid_norm: nn.Module | None = None, gamma: Tensor | None = None) -> Mlp:
     ln = _layer_norm(norm, f"{where} norm")
-    ops: list[Op] = []
-    if ln is not None:
-        ops.append(ln)
-    ops += [_linear(fc1, f"{where} fc1"), _activation(act, where)]
+    first, activation = _linear(fc1, f"{where} fc1"), _activation(act, where)
     if mid_norm is not None and not isinstance(mid_norm, nn.Identity):
         raise _unsupported(f"{where} has a norm inside its MLP (scale_fc)")
-    ops.append(_linear(fc2, f"{where} fc2"))
-    if gamma is not None:
-        ops.append(Scale(gamma))
-    return Residual(tuple(ops))
+    return Mlp(ln, first, activation, _linear(fc2, f"{where} fc2"), gamma)
 
 
 def _mha_projections(attn: nn.MultiheadAttention) -> tuple[Linear, Linear, Linear]:

@@ -21,7 +21,11 @@ from typing import Any, Protocol
 import torch
 
 from ..config import ExplainerConfig
+from ..legrad import read_tower, resolve_layers
+from ..legrad.explain import explain, get_method
+from ..postprocess.scoring import image_text_logits
 from .models import LoadedModel
+from .queries import encode_prompts
 
 
 class Backend(Protocol):
@@ -50,9 +54,6 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, loaded: LoadedModel, explainer: ExplainerConfig) -> None:
-        from ..legrad import read_tower, resolve_layers
-        from ..legrad.explain import get_method
-
         self.loaded = loaded
         self.explainer = explainer
         self.method = get_method(explainer.method)
@@ -70,8 +71,6 @@ class TorchBackend:
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         import open_clip
 
-        from .queries import encode_prompts
-
         if self._tokenizer is None:
             lm = self.loaded
             self._tokenizer = open_clip.get_tokenizer(lm.provenance.get("open_clip_arch", lm.name))
@@ -83,7 +82,6 @@ class TorchBackend:
         """Maps ``[B,K,H,W]`` float32 on the CPU and embeddings ``[B,E]`` float32 for a batch of inputs of
         one size. ``empty``: the "a photo of a" embedding for LeGrad's empty-prompt correction;
         ``contrast``: background prompt embeddings for ``explainer.contrast``."""
-        from ..legrad.explain import explain
 
         lm, ex = self.loaded, self.explainer
         options: dict = {}
@@ -99,15 +97,11 @@ class TorchBackend:
         return out.maps.float().cpu(), out.embeddings.float()
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        from ..legrad import read_tower
-
         lm = self.loaded
         with torch.no_grad():
             return read_tower(lm.model).encode(images.to(lm.device, lm.dtype)).float()
 
     def logits(self, embeddings: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        from ..postprocess.scoring import image_text_logits
-
         with torch.no_grad():
             return image_text_logits(self.loaded.model, embeddings, text)
 

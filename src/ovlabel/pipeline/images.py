@@ -26,16 +26,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..common.files import file_kind
+from ..config import MAX_PIXELS
 from ..errors import ImageReadError, InputError
-from ..export.files import file_kind
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif",
                   ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".jp2", ".heic", ".avif"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
 
 
-DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's decompression-bomb error threshold (2 × MAX_IMAGE_PIXELS)
-DEFAULT_MAX_ASPECT = 20.0
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ def _is_image(path: Path) -> bool:
     if file_kind(path) is not None:
         return False
     try:
-        with _open(path, DEFAULT_MAX_PIXELS):
+        with _open(path, MAX_PIXELS):
             return True
     except Exception:
         return False
@@ -219,7 +218,7 @@ def _open(source, max_pixels: int) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = limit
 
 
-def read_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *,
+def read_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS, *,
                max_aspect: float | None = None, exif: bool = True) -> np.ndarray:
     """Decode an image file (a path) or its content (``bytes``) into RGB ``uint8 [H,W,3]`` (see the
     module docstring). The size is checked from the header, before the pixels are decoded: more than
@@ -269,7 +268,7 @@ def read_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise ImageReadError(f"cannot decode the image ({e}); the file may be truncated or corrupt") from None
 
 
-def decode_item(item: ImageItem, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect: float | None = None,
+def decode_item(item: ImageItem, max_pixels: int = MAX_PIXELS, max_aspect: float | None = None,
                 data: bytes | None = None) -> DecodedImage:
     """Decode one item of a run (from ``data`` when given, else from its path), never raising for a bad
     image: the error is returned instead.
@@ -316,3 +315,20 @@ def _rgb(im: Image.Image) -> np.ndarray:
         return arr[..., :3] if arr.ndim == 3 else np.repeat(arr[..., None], 3, axis=2)
     # L, 1, CMYK, YCbCr, LAB, HSV…: Pillow's own conversions
     return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def as_rgb(image, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """RGB ``uint8 [H,W,3]`` of a path (decoded by :func:`read_image`), a PIL image or an array
+    (``[H,W]``, ``[H,W,3]`` or ``[H,W,4]``, any numeric type)."""
+    if isinstance(image, (str, Path)):
+        return read_image(image, max_pixels)
+    if isinstance(image, Image.Image):
+        return _rgb(image)
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise InputError(f"an image array must be [H,W,3] (RGB) or [H,W], got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        arr = _to_uint8(arr)
+    return np.ascontiguousarray(arr[..., :3])

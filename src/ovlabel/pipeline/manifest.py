@@ -20,8 +20,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..common.files import atomic_write, fsync_dir, json_text
 from ..errors import ConfigError, InputError
-from ..export.files import atomic_write, fsync_dir, json_text
 from .images import ImageItem
 
 NAME = "manifest.json"

@@ -14,13 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import __version__
+from ..common.categories import Categories
+from ..common.files import ensure_writable_dir, sha256_file, write_yaml
 from ..config import parse_yaml, read_text_file
 from ..errors import InputError
-from ..export.categories import Categories
 from ..export.coco import load_coco
-from ..export.files import ensure_writable_dir, sha256_file, write_yaml
 from ..export.formats import write_dataset
 from . import manifest as run_manifest
+from .run import RunLayout
 
 
 def _read_yaml(path: Path) -> dict:
@@ -35,9 +36,9 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
     run_dirs = [Path(d) for d in run_dirs]
     manifests: list[tuple[Path, dict]] = []
     for d in run_dirs:
-        if not sorted(d.glob("run*.yaml")) or not sorted((d / "records").glob("records*.jsonl")):
+        if not RunLayout.run_files(d) or not RunLayout.record_files(d):
             raise InputError(f"{d} is not an ovlabel run folder (no run*.yaml and records/records*.jsonl)")
-        mpath = d / run_manifest.NAME
+        mpath = RunLayout(d).manifest
         if not mpath.exists():
             raise InputError(f"{d} has no {run_manifest.NAME} (a run of an older ovlabel?); merge needs it to "
                              "check that the folders hold shards of one run")
@@ -66,8 +67,8 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
     metas: list[tuple[Path, dict]] = []
     record_files: list[Path] = []
     for d in run_dirs:
-        record_files += sorted((d / "records").glob("records*.jsonl"))
-        for y in sorted(d.glob("run*.yaml")):
+        record_files += RunLayout.record_files(d)
+        for y in RunLayout.run_files(d):
             meta = _read_yaml(y)
             if "shard" not in meta:
                 continue  # the summary of an earlier merge of several shards into this folder
@@ -94,7 +95,8 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
 
     settings = first["settings"]
     cats = Categories(tuple(settings["queries"]["ids"]), tuple(settings["queries"]["names"]))
-    out_dir = ensure_writable_dir(out_dir)
+    layout = RunLayout(ensure_writable_dir(out_dir))
+    out_dir = layout.out_dir
     inputs = first["inputs"]
     gt = None
     if "coco_gt" in inputs:
@@ -116,10 +118,9 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
                "counts": {**((meta.get("counts") or {}) if n == 1 else {}), "images": merged["images"],
                           "annotations": merged["annotations"], "failed": len(merged["failures"])},
                "failures": merged["failures"],
-               "outputs": {"predictions": "predictions.json", "dataset": "dataset.json",
-                           "annotations": merged["annotations"], "images": merged["images"],
-                           "formats": merged["formats"]}}
-    write_yaml(out_dir / "run.yaml", summary)
+               "outputs": {**layout.outputs(merged["formats"]), "annotations": merged["annotations"],
+                           "images": merged["images"]}}
+    write_yaml(layout.run_yaml, summary)
     return summary
 
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from ..common.files import sha256_file
+from ..config import ModelConfig
 from ..errors import ModelLoadError
-from ..export.files import sha256_file
 from ..models import SHIPPED_DIR, register_shipped, shipped_models
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,6 @@ def _check_reachable(name: str, arch: str, tag: str, timeout: float = 3.0) -> No
 def default_weights(name: str, pretrained: str | None) -> str | None:
     """A model shipped with ovlabel loads its own weights unless others are chosen: the configuration's
     default tag (``laion2b_s34b_b88k``, meant for ``ViT-B-16``) does not count as a choice."""
-    from ..config import ModelConfig
 
     if pretrained == ModelConfig().pretrained and name in shipped_models():
         return "shipped"

@@ -16,16 +16,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..common.files import sha256_file
 from ..config import Config
 from ..errors import InputError
-from ..export.onnx import _onnx_modules, read_model_json
+from ..export.onnx import onnx_modules, read_model_json
+from ..legrad.base import finalize_maps, resolve_layers
+from ..legrad.catalog import BUILTIN
+from ..legrad.methods import empty_prompt_correction
+from ..postprocess.scoring import scaled_logits
+from .queries import warn_long_prompts
 
 _SESSIONS: dict[tuple, Any] = {}
 
 
 def providers(device: str) -> list[str]:
     """CUDA when asked for (or ``auto``) and onnxruntime-gpu offers it, else the CPU."""
-    _, ort = _onnx_modules()
+    _, ort = onnx_modules()
     available = ort.get_available_providers()
     if device != "cpu" and "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -37,7 +43,7 @@ def providers(device: str) -> list[str]:
 
 def session(path: str | Path, device: str = "auto"):
     """One onnxruntime session per file and device in this process, created on first use."""
-    _, ort = _onnx_modules()
+    _, ort = onnx_modules()
     st = Path(path).stat()
     key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, device, torch.get_num_threads())
     if key not in _SESSIONS:
@@ -70,8 +76,6 @@ class OnnxBackend:
                              f"for {ex.method!r}; export it (ovlabel export-onnx --method {ex.method}) or choose one "
                              "of those")
         self.layers = list(info["methods"][ex.method]["layers"])
-        from ..legrad.base import resolve_layers
-        from ..legrad.catalog import BUILTIN
 
         wanted = resolve_layers(ex.layers, int(info["blocks"]), BUILTIN[ex.method].default_layers)
         if wanted != self.layers:
@@ -133,7 +137,6 @@ class OnnxBackend:
         if self._tokenizer is None:
             tok = self.info["tokenizer"]
             self._tokenizer = open_clip.get_tokenizer(tok["open_clip"], context_length=tok["context_length"])
-        from .queries import warn_long_prompts
 
         warn_long_prompts(self._tokenizer, prompts, self.info["tokenizer"].get("context_length"))
         sess = session(self.dir / self.info["files"]["text_encoder"], self.device)
@@ -157,9 +160,6 @@ class OnnxBackend:
     def explain(self, images: torch.Tensor, text: torch.Tensor, *, raw: bool = False,
                 empty: torch.Tensor | None = None,
                 contrast: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..legrad.base import finalize_maps
-        from ..legrad.methods import EMPTY_PROMPT_THRESHOLD
-
         x, (H, W) = self._pad(images.float())
         t = text.float()
         use_empty = empty is not None and not raw
@@ -175,8 +175,7 @@ class OnnxBackend:
         if raw:
             maps = finalize_maps(torch.from_numpy(grid), self.patch_size, t.shape[0], normalize=False)
         if use_empty:
-            maps, e = maps[:, :-1], maps[:, -1:]
-            maps = torch.where(e > EMPTY_PROMPT_THRESHOLD, torch.zeros_like(maps), maps).contiguous()
+            maps = empty_prompt_correction(maps)
         return maps[..., :H, :W].contiguous(), emb
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -185,18 +184,11 @@ class OnnxBackend:
         return torch.from_numpy(sess.run(None, {"images": x.numpy().astype(self.dtype)})[0].astype(np.float32))
 
     def logits(self, embeddings: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        e = torch.nn.functional.normalize(embeddings.float(), dim=-1)
-        t = torch.nn.functional.normalize(text.float(), dim=-1)
-        s = e @ t.T
-        if self.info.get("logit_scale") is not None:
-            s = s * float(self.info["logit_scale"])
-        if self.info.get("logit_bias") is not None:
-            s = s + float(self.info["logit_bias"])
-        return s
+        scale, bias = self.info.get("logit_scale"), self.info.get("logit_bias")
+        return scaled_logits(embeddings, text, None if scale is None else float(scale),
+                             None if bias is None else float(bias))
 
     def describe(self) -> dict[str, Any]:
-        from ..export.files import sha256_file
-
         info = self.info
         return {"backend": self.name, "model": info["model"], "pretrained": info.get("pretrained"),
                 "sha256": info.get("sha256"), "open_clip_arch": info.get("open_clip_arch"),

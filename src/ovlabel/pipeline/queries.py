@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..common.categories import Categories
 from ..errors import ConfigError
-from ..export.categories import Categories
 
 SINGLE_TEMPLATE = ("a photo of a {}.",)
+EMPTY_PROMPT = "a photo of a"  # the empty-prompt correction's text (explainer.empty_prompt)
 
 log = logging.getLogger(__name__)
 

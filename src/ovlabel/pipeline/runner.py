@@ -1,71 +1,43 @@
 """The labelling pipeline: load → preprocess → encode queries → explain (all queries, one forward per
-batch) → postprocess → write. ``Pipeline`` is the Python API; ``ovlabel label`` calls ``Pipeline.run``.
-
-A run is three steps, so that other execution engines can reuse the first and the last:
-
-* :meth:`Pipeline.plan` — inputs, image ids, the run manifest (created at the first start, compared on
-  every later one), this shard's deterministic batches and which of them a previous attempt finished;
-* :meth:`Pipeline.execute` — the local engine: images decoded in DataLoader workers, each batch labelled
-  by :meth:`Pipeline.label_batch` (engine-neutral: decoded images in, records out) and appended to
-  ``OUTDIR/records/`` as complete lines, fsynced;
-* :meth:`Pipeline.finish` — ``run.yaml`` and, for an unsharded run, the merge into ``predictions.json``
-  and ``dataset.json``.
-
-Runs stream, so memory stays flat, and a killed run (even ``kill -9``) loses at most the batch in
-flight. ``resume=True`` skips the batches already recorded (failed images are recorded too and not
-retried, unless ``retry_failed=True``); ``shard=(i, n)`` takes every n-th batch of the deterministic batch
-list, so n processes split a dataset with no overlap, and ``ovlabel merge`` (or the run itself when
-n = 1) merges the records. Batches are formed identically in every case, so results do not depend on how
-a run was split or interrupted. One image that fails — unreadable, out of memory, non-finite maps —
-becomes a failure record; the run goes on.
+batch) → postprocess → records. ``Pipeline`` labels one image (``pipe(image)``) or one batch
+(:meth:`Pipeline.label_batch`, engine-neutral: decoded images in, records out); :meth:`Pipeline.run` runs
+a whole labelling job: :func:`ovlabel.pipeline.run.plan_run`, an engine of :mod:`ovlabel.pipeline.engines`,
+:func:`ovlabel.pipeline.run.finish_run`. One image that fails — unreadable, out of memory, non-finite
+maps — becomes a failure record; the run goes on.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as _dt
 import json
 import logging
-import platform
-import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .. import __version__
+from ..common.categories import Categories
+from ..common.files import fault_point
 from ..config import Config, deep_merge, load_config
-from ..errors import ConfigError, ImageReadError, InputError, OutputError
-from ..export.categories import Categories, load_categories
-from ..export.coco import check_png_category_ids, load_coco
-from ..export.files import (
-    ensure_writable_dir,
-    fault_point,
-    fsync_dir,
-    output_stem,
-    remove_stale_temps,
-    sha256_file,
-    write_yaml,
-)
-from ..export.formats import write_dataset
+from ..errors import ConfigError, ImageReadError, OutputError
 from ..export.heatmaps import save_heatmaps
 from ..export.overlays import draw_overlay, save_image_atomic
-from ..export.records import RecordWriter, make_record, read_records
-from ..postprocess import Detections, ImageMaps, Letterbox, Postprocessor
-from ..postprocess.scoring import presence_from_logits
-from . import manifest as run_manifest
+from ..export.records import make_record
+from ..legrad.explain import get_method
+from ..postprocess import Detections, ImageMaps, Postprocessor
+from ..postprocess.scoring import presence_of
 from .backend import Backend, TorchBackend
-from .images import DecodedImage, ImageItem, coco_inputs, collect_inputs, decode_item, input_root
+from .engines import get_engine
+from .images import DecodedImage, ImageItem, as_rgb
 from .models import LoadedModel, default_weights, load_model
-from .preprocess import Normalization, Tile, tile_regions, to_input
-from .queries import QuerySet, build_queries, embed_queries
+from .onnx_backend import OnnxBackend
+from .preprocess import Normalization, Prepared, prepare, prepare_decoded
+from .queries import EMPTY_PROMPT, QuerySet, build_queries, embed_queries
+from .run import RunLayout, finish_run, plan_run
 
 log = logging.getLogger(__name__)
-EMPTY_PROMPT = "a photo of a"
-EXTRA_DIRS = ("heatmaps", "overlays", "masks")
 
 
 @dataclass
@@ -83,95 +55,11 @@ class ImageResult:
         return self.maps.full()
 
 
-@dataclass
-class Prepared:
-    item: ImageItem
-    image: np.ndarray | None = None
-    tensor: torch.Tensor | None = None
-    letterbox: Letterbox | None = None
-    tiles: list[tuple[Tile, torch.Tensor, Letterbox]] | None = None
-    error: str | None = None
-    size: tuple[int, int] | None = None  # (H, W) of the decoded image
-
-
-@dataclass
-class RunPlan:
-    """Everything :meth:`Pipeline.execute` and :meth:`Pipeline.finish` need (see :meth:`Pipeline.plan`)."""
-
-    out_dir: Path
-    shard: tuple[int, int]
-    records: Path
-    run_yaml: Path
-    manifest: dict
-    queries: QuerySet
-    batches: list[list[ImageItem]]  # this shard's share
-    todo: list[list[ImageItem]]  # the batches not finished yet
-    meta: dict
-    gt: Any = None
-    ignored: list[str] = field(default_factory=list)
-    retry_failed: bool = False
-
-    @property
-    def tag(self) -> str:
-        i, n = self.shard
-        return "" if n == 1 else f".shard-{i}-of-{n}"
-
-
-def safe_name(item: ImageItem) -> str:
-    """A file name for per-image outputs that stays inside its folder: ``<id>_<sanitised stem>``."""
-    return output_stem(item.id, item.file_name)
-
-
-class _Dataset(torch.utils.data.Dataset):
-    """Decoding and preprocessing, run in DataLoader workers."""
-
-    def __init__(self, items: Sequence[ImageItem], cfg: Config, patch: tuple[int, int], norm: Normalization,
-                 keep_image: bool) -> None:
-        self.items, self.cfg, self.patch, self.norm, self.keep_image = list(items), cfg, patch, norm, keep_image
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> Prepared:
-        decoded = decode_item(self.items[i], self.cfg.run.max_pixels, self.cfg.run.max_aspect_ratio)
-        return prepare_decoded(decoded, self.cfg, self.patch, self.norm, self.keep_image)
-
-
-def prepare(item: ImageItem, image: np.ndarray, cfg: Config, patch, norm: Normalization, keep_image: bool) -> Prepared:
-    pre = cfg.preprocess
-    tiles = None
-    if pre.tile.enabled:
-        regions = tile_regions(image.shape[0], image.shape[1], pre.size, pre.tile.min_scale, pre.tile.overlap)
-        if regions:
-            tiles = []
-            for t in regions:
-                tensor, lb = to_input(image[t.y0 : t.y1, t.x0 : t.x1], pre.size, patch, norm, pre.resize)
-                tiles.append((t, tensor, lb))
-    tensor, lb = to_input(image, pre.size, patch, norm, pre.resize)
-    keep = keep_image or tiles is not None
-    return Prepared(item, image if keep else None, tensor, lb, tiles, size=tuple(image.shape[:2]))
-
-
-def prepare_decoded(decoded: DecodedImage, cfg: Config, patch, norm: Normalization, keep_image: bool) -> Prepared:
-    if decoded.error is not None:
-        return Prepared(decoded.item, error=decoded.error)
-    try:
-        return prepare(decoded.item, decoded.image, cfg, patch, norm, keep_image)
-    except (InputError, ValueError, MemoryError) as e:
-        return Prepared(decoded.item, error=f"preprocessing failed: {type(e).__name__}: {e}")
-
-
-def _collate(batch: list[Prepared]) -> list[Prepared]:
-    return batch
-
-
 class Pipeline:
     """The labelling pipeline. Build it with :meth:`from_config`; call it on one image, or :meth:`run` it
     over inputs into an output folder."""
 
     def __init__(self, config: Config, *, model: LoadedModel | None = None, backend: Backend | None = None) -> None:
-        from ..legrad.explain import get_method
-
         self.cfg = config
         self._model = model
         self._backend = backend
@@ -227,8 +115,6 @@ class Pipeline:
     def backend(self) -> Backend:
         if self._backend is None:
             if self.cfg.model.backend == "onnx":
-                from .onnx_backend import OnnxBackend
-
                 self._backend = OnnxBackend(self.cfg.model.onnx_dir, self.cfg)
             else:
                 self._backend = TorchBackend(self.model, self.cfg.explainer)
@@ -242,7 +128,11 @@ class Pipeline:
         return list(self.backend.layers)
 
     @property
-    def _keep_image(self) -> bool:
+    def has_model_loaded(self) -> bool:
+        return self._backend is not None or self._model is not None
+
+    @property
+    def keep_image(self) -> bool:
         """Whether the decoded pixels stay with a prepared image (overlays and map refinement need them)."""
         return self.cfg.export.overlays or self.cfg.postprocess.refine.method != "none"
 
@@ -320,11 +210,8 @@ class Pipeline:
 
     def presence(self, embeddings: torch.Tensor, text: torch.Tensor, background: torch.Tensor | None) -> np.ndarray:
         """Presence ``[B,K]`` of each query in each image (see :mod:`ovlabel.postprocess.scoring`)."""
-        K = text.shape[0]
-        full = text if background is None or background.shape[0] == 0 else torch.cat([text, background])
-        logits = self.backend.logits(embeddings, full)
-        return presence_from_logits(logits[:, :K], logits[:, K:] if full is not text else None,
-                                    self.cfg.postprocess.presence, self.backend.has_logit_bias)
+        return presence_of(self.backend.logits, embeddings, text, background, self.cfg.postprocess.presence,
+                           self.backend.has_logit_bias)
 
     def _finish(self, prep: Prepared, maps: ImageMaps, emb, qs: QuerySet, text, bg) -> ImageResult:
         pres = self.presence(emb[None], text, bg)[0]
@@ -364,9 +251,9 @@ class Pipeline:
     def __call__(self, image: str | Path | np.ndarray | Any, queries: Sequence[str] | None = None) -> ImageResult:
         """Label one image (a path, a PIL image or an RGB array) with ``queries`` (default: the config's)."""
         qs, text, bg = self.queries(queries)
-        arr = _as_rgb(image, self.cfg.run.max_pixels)
+        arr = as_rgb(image, self.cfg.run.max_pixels)
         item = ImageItem(0, Path(str(image)) if isinstance(image, (str, Path)) else Path("image"), "image")
-        prep = prepare(item, arr, self.cfg, self.patch, self.normalization, keep_image=self._keep_image)
+        prep = prepare(item, arr, self.cfg, self.patch, self.normalization, keep_image=self.keep_image)
         return self.process([prep], qs, text, bg)[0]
 
     # ------------------------------------------------------------------------------------- per batch
@@ -377,10 +264,10 @@ class Pipeline:
         are written into ``out_dir`` when the config asks for them."""
         qs, text, bg = self.queries(queries, categories)
         norm = self.normalization
-        prepared = [prepare_decoded(d, self.cfg, self.patch, norm, self._keep_image) for d in images]
-        return self._label_prepared(prepared, qs, text, bg, None if out_dir is None else Path(out_dir))
+        prepared = [prepare_decoded(d, self.cfg, self.patch, norm, self.keep_image) for d in images]
+        return self.label_prepared(prepared, qs, text, bg, None if out_dir is None else Path(out_dir))
 
-    def _label_prepared(self, batch: list[Prepared], qs: QuerySet, text, bg, out_dir: Path | None) -> list[dict]:
+    def label_prepared(self, batch: list[Prepared], qs: QuerySet, text, bg, out_dir: Path | None) -> list[dict]:
         """Records of a prepared batch. A batch that fails is retried image by image; an image that fails
         alone gets a failure record (``--strict``: the run stops there). Writing errors (a full disk) stop
         the run."""
@@ -402,7 +289,7 @@ class Pipeline:
             image = {"id": prep.item.id, "file_name": prep.item.file_name}
             if isinstance(res, ImageResult) and out_dir is not None:
                 try:
-                    self._write_extras(out_dir, prep, res)
+                    self.write_extras(out_dir, prep, res)
                 except OutputError:
                     raise
                 except Exception as e:  # noqa: BLE001
@@ -420,157 +307,24 @@ class Pipeline:
         return records
 
     # ------------------------------------------------------------------------------------------- runs
-    def run(
-        self,
-        inputs: Sequence[str | Path] = (),
-        out_dir: str | Path = "ovlabel-out",
-        *,
-        queries: Sequence[str] | None = None,
-        queries_file: str | Path | None = None,
-        coco_gt: str | Path | None = None,
-        images_dir: str | Path | None = None,
-        resume: bool = False,
-        shard: tuple[int, int] = (0, 1),
-        retry_failed: bool = False,
-        command: str | None = None,
-        engine: str = "local",
-        ray: Any = None,
-    ) -> dict:
-        """Label ``inputs`` into ``out_dir``: :meth:`plan`, execute, :meth:`finish` (see the module
-        docstring). ``engine``: ``"local"`` (:meth:`execute`: this process and its DataLoader workers) or
-        ``"ray"`` (:mod:`ovlabel.pipeline.ray_engine`; ``ray``: its ``RayOptions``). Returns the run summary."""
-        if engine not in ("local", "ray"):
-            raise InputError(f"engine must be 'local' or 'ray', got {engine!r}")
-        if engine == "ray":
-            from . import ray_engine
-
-            options = ray if ray is not None else ray_engine.RayOptions()
-            if str(self.cfg.model.device).startswith("cuda") and not options.gpus_per_actor:
-                # a CUDA model in an actor without a GPU fails on the worker after its start: reserve one,
-                # so that a cluster without GPUs is refused before any work
-                options = dataclasses.replace(options, gpus_per_actor=1.0)
-                log.info("--device %s with --engine ray: one GPU per actor (--gpus-per-actor 1)", self.cfg.model.device)
-            ray_engine._connect_check()  # Ray missing: say so before any work
-        planner = self
-        if engine == "ray" and self._backend is None and str(self.cfg.model.device).startswith("cuda"):
-            # the driver only plans (text embeddings, settings) and merges: on the CPU, so that a head node
-            # without a GPU can drive GPU actors; the actors load the model where Ray places them
-            cfg = self.cfg.model_copy(deep=True)
-            cfg.model.device = "cpu"
-            planner = type(self)(cfg)
-        plan = planner.plan(inputs, out_dir, queries=queries, queries_file=queries_file, coco_gt=coco_gt,
-                            images_dir=images_dir, resume=resume, shard=shard, retry_failed=retry_failed,
-                            command=command)
-        if engine == "ray":
-            counts = ray_engine.execute(planner, plan, options, config=self.cfg)
-        else:
-            counts = self.execute(plan)
-        return planner.finish(plan, counts)
-
-    def plan(
-        self,
-        inputs: Sequence[str | Path] = (),
-        out_dir: str | Path = "ovlabel-out",
-        *,
-        queries: Sequence[str] | None = None,
-        queries_file: str | Path | None = None,
-        coco_gt: str | Path | None = None,
-        images_dir: str | Path | None = None,
-        resume: bool = False,
-        shard: tuple[int, int] = (0, 1),
-        retry_failed: bool = False,
-        command: str | None = None,
-    ) -> RunPlan:
-        """Check everything that can be wrong before any work, freeze the run in its manifest (or check
-        this command against it) and list this shard's batches and those still to do."""
-        started = _now()
-        cfg = self.cfg
-        index, count = shard
-        if not (count >= 1 and 0 <= index < count):
-            raise InputError(f"--shard must be I/N with 0 <= I < N, got {index}/{count}")
-        gt = None
-        categories = None
-        ignored: list[str] = []
-        skipped: list[dict] = []
-        if coco_gt is not None:
-            if images_dir is None:
-                raise InputError("--coco-gt needs --images-dir (the folder the file names are relative to)")
-            if inputs:
-                raise InputError("pass either INPUTS or --coco-gt with --images-dir, not both")
-            if queries or queries_file:
-                raise InputError("--coco-gt brings its own categories (ids kept); do not also pass --queries or "
-                                 "--queries-file")
-            gt = load_coco(coco_gt)
-            categories = Categories.from_coco(gt.dataset["categories"])
-            scanned = coco_inputs(gt, images_dir)
-            input_desc: dict = {"coco_gt": str(Path(coco_gt).absolute()), "coco_gt_sha256": sha256_file(coco_gt),
-                                "images_dir": str(Path(images_dir).absolute()),
-                                "image_root": str(Path(images_dir).absolute())}
-        else:
-            if not inputs:
-                raise InputError("no inputs: pass folders, image files or .txt lists, or --coco-gt with --images-dir")
-            scanned, ignored = collect_inputs(list(inputs), skipped)
-            if skipped:
-                log.warning("%d entr%s of the input folders not searched (hidden, or links to folders), listed in "
-                            "run.yaml: %s", len(skipped), "y" if len(skipped) == 1 else "ies",
-                            ", ".join(s["path"] for s in skipped[:3]) + (", …" if len(skipped) > 3 else ""))
-            input_desc = {"paths": [str(Path(i).expanduser().absolute()) for i in inputs],
-                          "image_root": str(input_root(scanned)) if scanned else None}
-        if queries_file is not None:
-            categories = load_categories(queries_file)
-        qs, _, _ = self.queries(queries, categories)
-        if "masks-semantic" in cfg.export.all_formats:
-            check_png_category_ids(qs.categories.ids)
-        out_dir = ensure_writable_dir(out_dir)
-        tag = "" if count == 1 else f".shard-{index}-of-{count}"
-        records = out_dir / "records" / f"records{tag}.jsonl"
-        manifest_path = out_dir / run_manifest.NAME
-        if records.exists() and not resume:
-            raise InputError(f"{out_dir} already holds a run ({records.relative_to(out_dir)}); pass --resume to "
-                             "continue it, or choose another --out")
-        settings = self.settings(qs)
-        current = run_manifest.build(inputs=input_desc, items=scanned, settings=settings, shards=count)
-        if manifest_path.exists() or resume:
-            if not manifest_path.exists():
-                if records.exists():
-                    raise InputError(f"{out_dir} has records but no {run_manifest.NAME} (a run of an older "
-                                     "ovlabel?); it cannot be resumed safely — start it again in a new --out")
-                stored = run_manifest.create(manifest_path, current)
-            else:
-                stored = run_manifest.load(manifest_path)
-            run_manifest.check_same_run(stored, current, str(out_dir))
-        else:
-            stored = run_manifest.create(manifest_path, current)
-            run_manifest.check_same_run(stored, current, str(out_dir))  # another shard may have won the race
-        items = run_manifest.items(stored)
-        if stored["images_sha256"] != current["images_sha256"]:
-            known = {it.file_name for it in items}
-            added = [it.file_name for it in scanned if it.file_name not in known]
-            missing = len(known - {it.file_name for it in scanned})
-            log.warning("the inputs changed since this run started: %d new file(s) are not part of it (start a "
-                        "new run for them: %s), %d listed file(s) are gone and will be reported as failures; "
-                        "image ids stay as they were", len(added), ", ".join(added[:5]), missing)
-
-        B = cfg.run.batch_size
-        batches = [items[k : k + B] for k in range(0, len(items), B)][index::count]
-        done = _done_ids(records, retry_failed) if resume else set()
-        todo = [b for b in batches if not all(it.id in done for it in b)]
-        names = {f"{safe_name(it)}{ext}" for b in batches for it in b for ext in (".npz", ".jpg", ".png", ".json")}
-        for sub in EXTRA_DIRS:  # temporary files a killed attempt of this shard left behind
-            remove_stale_temps(out_dir / sub, names)
-        remove_stale_temps(out_dir, {f"run{tag}.yaml", "predictions.json", "dataset.json"} if count == 1
-                           else {f"run{tag}.yaml"})
-        if count == 1:  # the dataset formats, written by this run's finish only
-            for sub in ("masks", "yolo-seg", "yolo-det"):
-                remove_stale_temps(out_dir / sub, recursive=True)
-        meta = self._provenance(cfg, qs, started, command, shard, inputs, coco_gt, images_dir)
-        meta["image_root"] = stored["inputs"].get("image_root")
-        if skipped:
-            meta["skipped_entries"] = skipped
-        plan = RunPlan(out_dir, (index, count), records, out_dir / f"run{tag}.yaml", stored, qs, batches, todo,
-                       meta, gt, ignored, retry_failed)
-        write_yaml(plan.run_yaml, {**meta, "status": "running"})
-        return plan
+    def run(self, inputs: Sequence[str | Path] = (), out_dir: str | Path = "ovlabel-out", *,
+            queries: Sequence[str] | None = None, queries_file: str | Path | None = None,
+            coco_gt: str | Path | None = None, images_dir: str | Path | None = None, resume: bool = False,
+            shard: tuple[int, int] = (0, 1), retry_failed: bool = False, command: str | None = None,
+            engine: str = "local", engine_options: Any = None) -> dict:
+        """Label ``inputs`` into ``out_dir``: plan (:func:`~ovlabel.pipeline.run.plan_run`), execute with the
+        engine registered as ``engine`` (``"local"``: this process and its DataLoader workers; ``"ray"``: a Ray
+        cluster, ``engine_options`` its ``RayOptions``), finish (:func:`~ovlabel.pipeline.run.finish_run`).
+        Returns the run summary (what ``run.yaml`` holds)."""
+        eng = get_engine(engine)
+        planner, options = self, engine_options
+        if hasattr(eng, "before_plan"):  # checks before any work, and who plans (e.g. on the CPU)
+            planner, options = eng.before_plan(self, options)
+        plan = plan_run(planner, inputs, out_dir, queries=queries, queries_file=queries_file, coco_gt=coco_gt,
+                        images_dir=images_dir, resume=resume, shard=shard, retry_failed=retry_failed,
+                        command=command)
+        counts = eng.execute(planner, plan, options, config=self.cfg)
+        return finish_run(planner, plan, counts)
 
     def settings(self, qs: QuerySet) -> dict:
         """Everything that changes a run's results, as recorded in its manifest."""
@@ -590,109 +344,22 @@ class Pipeline:
                     "max_aspect_ratio": cfg.run.max_aspect_ratio},
         }
 
-    def execute(self, plan: RunPlan) -> dict:
-        """The local engine: decode in DataLoader workers, label batch by batch, append the records."""
-        cfg = self.cfg
-        todo_items = [it for b in plan.todo for it in b]
-        loader = torch.utils.data.DataLoader(
-            _Dataset(todo_items, cfg, self.patch, self.normalization, self._keep_image),
-            batch_size=cfg.run.batch_size, shuffle=False,
-            num_workers=cfg.run.workers if len(todo_items) > 1 else 0, collate_fn=_collate, persistent_workers=False)
-        counts = {"images": sum(len(b) for b in plan.batches), "resumed_skipped": sum(len(b) for b in plan.batches)
-                  - len(todo_items), "labelled": 0, "failed": 0, "detections": 0}
-        qs, text, bg = self.queries(None, plan.queries.categories)
-        self.stats = {}
-        from tqdm import tqdm
+    def output_dirs(self, out_dir: Path) -> list[Path]:
+        """The folders of per-image outputs this pipeline writes (to fsync before their records)."""
+        exp, layout = self.cfg.export, RunLayout(out_dir)
+        wanted = {layout.heatmaps: exp.heatmaps, layout.overlays: exp.overlays}
+        return [d for d, on in wanted.items() if on and d.is_dir()]
 
-        progress = tqdm(total=len(todo_items), unit="img", disable=not cfg.run.progress, dynamic_ncols=True,
-                        desc=f"ovlabel{plan.tag}")
-        done = 0
-        try:
-            with RecordWriter(plan.records) as writer:
-                if writer.torn_bytes:
-                    log.warning("%s ended with a partial record (%d bytes, cut off by an interruption); removed",
-                                plan.records, writer.torn_bytes)
-                for batch in loader:
-                    records = self._label_prepared(batch, qs, text, bg, plan.out_dir)
-                    for sub in self._extra_dirs(plan.out_dir):  # outputs durable before their records
-                        fsync_dir(sub)
-                    writer.append(records)
-                    done += len(records)
-                    for r in records:
-                        if "error" in r:
-                            counts["failed"] += 1
-                        else:
-                            counts["labelled"] += 1
-                            counts["detections"] += len(r["results"])
-                    progress.update(len(batch))
-                    progress.set_postfix(failed=counts["failed"], dets=counts["detections"])
-        except OutputError as e:
-            raise OutputError(f"{e}\n{done} image(s) labelled in this attempt are kept in {plan.records}; once "
-                              "the problem is fixed, rerun the same command with --resume") from None
-        finally:
-            progress.close()
-        counts["postprocess"] = dict(self.stats)
-        return counts
-
-    def _extra_dirs(self, out_dir: Path) -> list[Path]:
-        exp = self.cfg.export
-        wanted = {"heatmaps": exp.heatmaps, "overlays": exp.overlays}
-        return [out_dir / d for d, on in wanted.items() if on and (out_dir / d).is_dir()]
-
-    def finish(self, plan: RunPlan, counts: dict) -> dict:
-        """Write ``run.yaml`` and, for an unsharded run, merge the records into the COCO files."""
-        cfg = self.cfg
-        failures = [{"file": r["image"]["file_name"], "error": r["error"]}
-                    for r in _latest_records([plan.records]) if "error" in r]
-        summary = {**plan.meta, "status": "complete", "end_time": _now(), "counts": counts, "failures": failures,
-                   "ignored_non_images": plan.ignored}
-        if plan.shard[1] == 1:
-            try:
-                merged = write_dataset([plan.records], plan.out_dir, plan.queries.categories,
-                                       export_cfg=cfg.export.model_dump(), gt=plan.gt,
-                                       image_root=plan.manifest["inputs"].get("image_root"),
-                                       image_paths={it.id: it.path for it in run_manifest.items(plan.manifest)})
-            except OutputError as e:
-                raise OutputError(f"{e}\nAll images are labelled (records kept); once the problem is fixed, rerun the "
-                                  "same command with --resume to write the merged files") from None
-            summary["outputs"] = {"predictions": "predictions.json", "dataset": "dataset.json",
-                                  "annotations": merged["annotations"], "images": merged["images"],
-                                  "formats": merged["formats"]}
-        write_yaml(plan.run_yaml, summary)
-        return summary
-
-    def _write_extras(self, out_dir: Path, prep: Prepared, res: ImageResult) -> None:
-        exp = self.cfg.export
-        name = safe_name(prep.item)
+    def write_extras(self, out_dir: Path, prep: Prepared, res: ImageResult) -> None:
+        """The per-image outputs the config asks for: the heatmap cache and the overlay picture."""
+        exp, layout = self.cfg.export, RunLayout(out_dir)
         if exp.heatmaps:
-            save_heatmaps(out_dir / "heatmaps" / f"{name}.npz", res.maps, res.queries, prep.item.id,
+            save_heatmaps(layout.heatmap(prep.item), res.maps, res.queries, prep.item.id,
                           prep.item.file_name, presence=res.presence, durable=False)
         if exp.overlays and prep.image is not None:
-            save_image_atomic(out_dir / "overlays" / f"{name}.jpg",
+            save_image_atomic(layout.overlay(prep.item),
                               draw_overlay(prep.image, res.detections, res.maps, res.queries, res.presence),
                               durable=False)
-
-    def _provenance(self, cfg: Config, qs: QuerySet, started, command, shard, inputs, coco_gt, images_dir) -> dict:
-        import open_clip
-        import timm
-
-        return {
-            "ovlabel": __version__,
-            "versions": {k: str(v) for k, v in {
-                "python": platform.python_version(), "torch": torch.__version__, "open_clip": open_clip.__version__,
-                "timm": timm.__version__, "numpy": np.__version__,
-                "pycocotools": _dist_version("pycocotools")}.items()},
-            "command": command if command is not None else " ".join(sys.argv),
-            "start_time": started,
-            "shard": f"{shard[0]}/{shard[1]}",
-            "image_root": None,
-            "inputs": [str(i) for i in inputs] if inputs else {"coco_gt": str(coco_gt), "images_dir": str(images_dir)},
-            "model": self.backend.describe(),
-            "explainer": {"method": cfg.explainer.method, "layers": self.layers(),
-                          "layers_setting": cfg.explainer.layers, "empty_prompt": cfg.explainer.empty_prompt},
-            "queries": qs.describe(),
-            "config": cfg.model_dump(exclude={"extends"}),
-        }
 
 
 def _failure(e: BaseException, during: str = "labelling") -> str:
@@ -704,55 +371,4 @@ def _failure(e: BaseException, during: str = "labelling") -> str:
     return f"{during} failed ({kind}){': ' + message if message else ''}"
 
 
-def _latest_records(paths) -> list[dict]:
-    latest: dict[int, dict] = {}
-    for rec in read_records(paths):
-        latest[int(rec["image"]["id"])] = rec
-    return [latest[k] for k in sorted(latest)]
-
-
-def _done_ids(records: Path, retry_failed: bool) -> set[int]:
-    """Ids with a record (with ``retry_failed``, only those whose latest record is not a failure)."""
-    return {int(r["image"]["id"]) for r in _latest_records([records]) if not (retry_failed and "error" in r)}
-
-
-def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
-    """Moved to :func:`ovlabel.pipeline.merge.merge_runs` (kept here for imports of earlier versions)."""
-    from .merge import merge_runs as _merge
-
-    return _merge(run_dirs, out_dir)
-
-
-def _as_rgb(image, max_pixels: int) -> np.ndarray:
-    from PIL import Image
-
-    from .images import _rgb, _to_uint8, read_image
-
-    if isinstance(image, (str, Path)):
-        return read_image(image, max_pixels)
-    if isinstance(image, Image.Image):
-        return _rgb(image)
-    arr = np.asarray(image)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
-        raise InputError(f"an image array must be [H,W,3] (RGB) or [H,W], got shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        arr = _to_uint8(arr)
-    return np.ascontiguousarray(arr[..., :3])
-
-
-def _dist_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-__all__ = ["ImageResult", "Pipeline", "RunPlan"]
+__all__ = ["ImageResult", "Pipeline"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -91,6 +91,27 @@ def as_image_maps(heatmaps: Any) -> ImageMaps:
     return ImageMaps(heat, (H, W))
 
 
+class Candidate(NamedTuple):
+    """A region that may become a detection — the one candidate type of the post-processor and the
+    calibrator: its score (presence × evidence), its rank among equal scores (``order``: arrival), the
+    query it belongs to and its mask (RLE, ``str`` counts; ``None`` where nothing reads it). The
+    post-processor also keeps presence and evidence; the calibrator the box, the area and an identity."""
+
+    score: float
+    order: Any
+    query: int
+    rle: dict | None
+    presence: float = 1.0
+    evidence: float = 0.0
+    box: tuple | None = None
+    area: int | None = None
+    uid: Any = None
+
+    def rank(self) -> tuple:
+        """Sort key: best score first, then arrival."""
+        return (-self.score, self.order)
+
+
 @dataclass(frozen=True)
 class Postprocessor:
     """Thresholds, morphology, instances and scores, with explicit arguments (see ``from_config``).
@@ -160,19 +181,27 @@ class Postprocessor:
         ``refine`` (:mod:`ovlabel.postprocess.refine`)."""
         maps = as_image_maps(heatmaps)
         K = len(maps)
-        H, W = maps.size
         if len(labels) != K or len(category_ids) != K:
             raise InputError(f"{K} heatmaps but {len(labels)} labels and {len(category_ids)} category ids")
         pres = np.ones(K) if presence is None else np.asarray(presence, dtype=np.float64).reshape(-1)
         if pres.shape != (K,) or not np.isfinite(pres).all() or pres.min() < 0 or pres.max() > 1:
             raise InputError(f"presence must be {K} finite values in [0,1], got {pres.tolist()[:8]}")
-        min_area = max(int(self.min_area), int(np.ceil(self.min_area_fraction * H * W)))
+        kept, tally = self.candidates(maps, labels, pres, image)
+        if stats is not None:
+            for key, v in tally.items():
+                stats[key] = stats.get(key, 0) + int(v)
+        return self.detections(kept, maps.size, labels, category_ids)
 
-        # candidates, one query at a time: [score, index, query, presence, evidence, RLE]. Without NMS only
-        # the best `max_detections` can be emitted, so a candidate's RLE is built only while it is among
-        # them (ties rank by arrival, as a stable sort would); with NMS every candidate needs its mask.
+    def candidates(self, maps: ImageMaps, labels: Sequence[str], pres: np.ndarray,
+                   image: np.ndarray | None = None) -> tuple[list[Candidate], dict[str, int]]:
+        """The candidates that can still be emitted, one query at a time, and the tallies. Without NMS only
+        the best ``max_detections`` can be emitted, so a candidate's RLE is built only while it is among
+        them (ties rank by arrival, as a stable sort would); with NMS every candidate needs its mask."""
+        K = len(maps)
+        H, W = maps.size
+        min_area = max(int(self.min_area), int(np.ceil(self.min_area_fraction * H * W)))
         cap = None if self.nms is not None else int(self.max_detections)
-        kept: list[list] = []
+        kept: list[Candidate] = []
         worst: tuple[float, int] | None = None  # (score, position in `kept`) of the candidate to evict
         n = 0
         active = [k for k in range(K) if pres[k] >= self.presence_threshold]
@@ -217,22 +246,24 @@ class Postprocessor:
                 if cap is not None and len(kept) >= cap:
                     if cap == 0 or score <= worst[0]:
                         continue
-                    kept[worst[1]] = [score, n, k, float(pres[k]), float(ev), found.rle(j)]
+                    kept[worst[1]] = Candidate(score, n, k, found.rle(j), float(pres[k]), float(ev))
                 else:
-                    kept.append([score, n, k, float(pres[k]), float(ev), found.rle(j)])
+                    kept.append(Candidate(score, n, k, found.rle(j), float(pres[k]), float(ev)))
                 if cap is not None and len(kept) >= cap:
-                    pos = min(range(len(kept)), key=lambda i: (kept[i][0], -kept[i][1]))
-                    worst = (kept[pos][0], pos)
+                    pos = min(range(len(kept)), key=lambda i: (kept[i].score, -kept[i].order))
+                    worst = (kept[pos].score, pos)
             del found
-        if stats is not None:
-            for key, v in tally.items():
-                stats[key] = stats.get(key, 0) + int(v)
+        return kept, tally
+
+    def detections(self, kept: list[Candidate], size: tuple[int, int], labels: Sequence[str],
+                   category_ids: Sequence[int]) -> Detections:
+        """The candidates, best first (then NMS and ``max_detections``), as :class:`Detections`."""
         if not kept:
-            return Detections.empty(H, W)
-        kept.sort(key=lambda c: (-c[0], c[1]))
-        dets = Detections.from_rles([c[5] for c in kept], (H, W), [c[0] for c in kept],
-                                    [int(category_ids[c[2]]) for c in kept], tuple(labels[c[2]] for c in kept),
-                                    presence=[c[3] for c in kept], evidence=[c[4] for c in kept])
+            return Detections.empty(*size)
+        kept = sorted(kept, key=Candidate.rank)
+        dets = Detections.from_rles([c.rle for c in kept], size, [c.score for c in kept],
+                                    [int(category_ids[c.query]) for c in kept], tuple(labels[c.query] for c in kept),
+                                    presence=[c.presence for c in kept], evidence=[c.evidence for c in kept])
         if self.nms is not None:
             dets = nms(dets, self.nms_iou, self.nms).select(slice(0, self.max_detections))
         return dets

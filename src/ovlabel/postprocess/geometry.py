@@ -63,12 +63,6 @@ class Letterbox:
             t = F.interpolate(t, size=self.original, mode="bilinear", align_corners=False, antialias=False)
         return t.reshape(*lead, *self.original)
 
-    def box_to_original(self, box_xywh: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
-        """An XYWH box on the input → on the original image (padding is bottom/right only)."""
-        sy, sx = self.scale
-        x, y, w, h = box_xywh
-        return x / sx, y / sy, w / sx, h / sy
-
 
 def resize_map(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """One map ``[h,w]`` → ``[H,W]`` float32: bilinear, pixel-centre aligned, no antialiasing (as

@@ -28,14 +28,25 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..legrad.base import image_text_logits as _logits
+from ..legrad.base import logit_bias, logit_scale
 
 PRESENCE_MODES = ("auto", "softmax", "binary", "sigmoid")
 
 
+def scaled_logits(image_embeddings: torch.Tensor, text: torch.Tensor, scale=None, bias=None) -> torch.Tensor:
+    """The one image–text logit of every backend: ``scale·cos(e, t) (+ bias)`` → ``[B, K]`` float32 (both
+    sides normalised here); ``scale`` and ``bias``: numbers, tensors or ``None`` (absent)."""
+    s = F.normalize(image_embeddings.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T
+    if scale is not None:
+        s = s * scale
+    return s if bias is None else s + bias
+
+
 def image_text_logits(model, image_embeddings: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """``exp(logit_scale)·cos (+ logit_bias)`` → ``[B, K]`` float32 (both sides normalised here)."""
-    return _logits(model, image_embeddings.float(), F.normalize(text.float(), dim=-1))
+    """:func:`scaled_logits` with an open_clip model's ``exp(logit_scale)`` and ``logit_bias``."""
+    scale = logit_scale(model, torch.float32) if isinstance(getattr(model, "logit_scale", None), torch.Tensor) \
+        else None
+    return scaled_logits(image_embeddings, text, scale, logit_bias(model, torch.float32))
 
 
 def presence_from_logits(query_logits: torch.Tensor, background_logits: torch.Tensor | None, mode: str,
@@ -60,17 +71,25 @@ def presence_from_logits(query_logits: torch.Tensor, background_logits: torch.Te
         return torch.sigmoid(query_logits - bg_lse).cpu().numpy()  # = e^q / (e^q + Σ e^bg)
 
 
-def presence_scores(model, image_embeddings: torch.Tensor, text: torch.Tensor,
-                    background: torch.Tensor | None = None, mode: str = "auto") -> np.ndarray:
-    """Presence probabilities ``[B, K]`` of each query in each image (see the module docstring)."""
-    if mode not in PRESENCE_MODES:
-        raise InputError(f"presence mode {mode!r} is not known; expected one of {PRESENCE_MODES}")
+def presence_of(logits, image_embeddings: torch.Tensor, text: torch.Tensor, background: torch.Tensor | None,
+                mode: str, has_bias: bool) -> np.ndarray:
+    """The one presence helper: ``logits(embeddings, prompts)`` (a backend's) of the queries and the
+    background prompts together, then :func:`presence_from_logits`."""
     K = text.shape[0]
     with torch.no_grad():
         full = text if background is None or background.shape[0] == 0 else torch.cat([text, background])
-        logits = image_text_logits(model, image_embeddings, full)
-    return presence_from_logits(logits[:, :K], logits[:, K:] if full is not text else None, mode,
-                                isinstance(getattr(model, "logit_bias", None), torch.Tensor))
+        lg = logits(image_embeddings, full)
+    return presence_from_logits(lg[:, :K], lg[:, K:] if full is not text else None, mode, has_bias)
+
+
+def presence_scores(model, image_embeddings: torch.Tensor, text: torch.Tensor,
+                    background: torch.Tensor | None = None, mode: str = "auto") -> np.ndarray:
+    """Presence probabilities ``[B, K]`` of each query in each image, for an open_clip model (see the module
+    docstring)."""
+    if mode not in PRESENCE_MODES:
+        raise InputError(f"presence mode {mode!r} is not known; expected one of {PRESENCE_MODES}")
+    return presence_of(lambda e, t: image_text_logits(model, e, t), image_embeddings, text, background, mode,
+                       isinstance(getattr(model, "logit_bias", None), torch.Tensor))
 
 
 def combine(presence: float, evidence: float) -> float:

@@ -41,11 +41,21 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
-from ..errors import InputError
-from ..export.files import ensure_writable_dir, write_json
+from ..common.files import atomic_write, ensure_writable_dir, write_json
+from ..datasets.papers import ImageNetSegmentation, imagenet_classes, read_class_descriptions, read_point_labels
+from ..datasets.papers import imagenet_val as list_val
+from ..errors import ImageReadError, InputError
+from ..evaluation.faithfulness import PERTURBATION_STEPS, perturbation_auc, perturbation_curve
+from ..evaluation.report import markdown_table
+from ..evaluation.semantic import FgBgMetrics, PointMIoU, fgbg_image_stats, point_counts
 from ..export.records import RecordWriter, read_jsonl
-from .faithfulness import PERTURBATION_STEPS, perturbation_auc, perturbation_curve
-from .semantic import FgBgMetrics, PointMIoU, fgbg_image_stats, point_counts
+from ..legrad import read_tower
+from ..legrad.base import finalize_maps, resolve_layers
+from ..legrad.explain import compute_maps, get_method
+from ..legrad.legrad import legrad_forward, legrad_maps
+from ..pipeline.images import read_image
+from ..pipeline.models import default_weights, load_model
+from ..pipeline.queries import encode_prompts, resolve_templates
 
 PUBLISHED = {
     "imagenet-seg": "LeGrad (OpenCLIP ViT-B/16): pixel accuracy 77.5, mIoU 58.7; Chefer 2021 (supervised ViT): "
@@ -74,10 +84,6 @@ class Explainer:
              device: str = "cpu") -> Explainer:
         import open_clip
 
-        from ..legrad.explain import get_method
-        from ..pipeline.models import default_weights, load_model
-        from ..pipeline.queries import resolve_templates
-
         for m in methods:
             get_method(m)  # an unknown method: error before any work
         lm = load_model(model, default_weights(model, pretrained), device=device)
@@ -94,7 +100,6 @@ class Explainer:
         """Unit embeddings ``[C,E]`` of class names (prompt ensembles), computed once per name; with
         ``cache`` (a ``.pt`` file), kept on disk for resumed runs (1,000 ImageNet classes × 80 templates take
         minutes on a CPU)."""
-        from ..pipeline.queries import encode_prompts
 
         templates = tuple(templates or self.templates)
         key = {"names": list(names), "templates": list(templates), "model": self.provenance.get("sha256")}
@@ -110,25 +115,17 @@ class Explainer:
                 self._classes[(n, templates)] = e
         out = torch.stack([self._classes[(n, templates)] for n in names])
         if cache is not None:
-            from ..export.files import atomic_write
-
             with atomic_write(cache, "wb") as f:
                 torch.save({"key": key, "embeddings": out.cpu()}, f)
         return out
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        from ..legrad import read_tower
-
         with torch.no_grad():
             return read_tower(self.model).encode(x.to(self.device))
 
     def explain(self, x: torch.Tensor, choose: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
         """Maps ``{method: [B,K,H,W]}`` of the texts ``choose(image embeddings [B,E]) -> [K,E]`` picks; LeGrad
         and the choice share one forward pass."""
-        from ..legrad import read_tower
-        from ..legrad.base import finalize_maps, resolve_layers
-        from ..legrad.explain import compute_maps, get_method
-        from ..legrad.legrad import legrad_forward, legrad_maps
 
         x = x.to(self.device)
         tower = read_tower(self.model)
@@ -221,8 +218,6 @@ class _Run:
         return list(latest.values())
 
     def finish(self, results: dict, header: list[str], rows: list[list]) -> dict:
-        from .report import markdown_table
-
         failures = [{"key": r["key"], "error": r["error"]} for r in self.latest() if "error" in r]
         summary = {**self.meta, "end_time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                    "results": results, "failures": failures,
@@ -242,8 +237,6 @@ def _result_rows(results: dict, metrics: list[tuple[str, str]]) -> tuple[list[st
 def imagenet_segmentation(mat: str | Path, out_dir: str | Path, explainer: Explainer, *, size: int = 224,
                           labels: Sequence[str] | None = None, max_images: int | None = None, resume: bool = False,
                           progress: bool = True, command: str | None = None) -> dict:
-    from ..datasets.papers import ImageNetSegmentation, imagenet_classes
-
     data = ImageNetSegmentation(mat)
     names = list(labels) if labels else imagenet_classes()[1]
     n = len(data) if max_images is None else min(len(data), max_images)
@@ -301,9 +294,6 @@ def openimages_points(points: str | Path, classes: str | Path, images: str | Pat
                       explainer: Explainer, *, size: int = 224, max_images: int | None = None,
                       template: str = "a photo of a {}.", resume: bool = False, progress: bool = True,
                       command: str | None = None) -> dict:
-    from ..datasets.papers import read_class_descriptions, read_point_labels
-    from ..pipeline.images import read_image
-
     names = read_class_descriptions(classes)
     labels = read_point_labels(points, names)
     folder = Path(images)
@@ -319,7 +309,6 @@ def openimages_points(points: str | Path, classes: str | Path, images: str | Pat
         path = folder / f"{image_id}.jpg"
         if not path.is_file():
             raise InputError(f"{path} is missing")
-        from ..errors import ImageReadError
 
         try:
             image = read_image(path)
@@ -360,10 +349,6 @@ def perturbation(imagenet_val: str | Path, out_dir: str | Path, explainer: Expla
                  devkit: str | Path | None = None, target: str = "predicted", size: int = 224,
                  max_images: int | None = None, resume: bool = False, progress: bool = True,
                  command: str | None = None) -> dict:
-    from ..datasets.papers import imagenet_classes
-    from ..datasets.papers import imagenet_val as list_val
-    from ..pipeline.images import read_image
-
     if target not in ("predicted", "true"):
         raise InputError(f"--target must be 'predicted' or 'true', got {target!r}")
     items = list_val(imagenet_val, devkit)[:max_images] if max_images else list_val(imagenet_val, devkit)
@@ -378,8 +363,6 @@ def perturbation(imagenet_val: str | Path, out_dir: str | Path, explainer: Expla
         return F.normalize(explainer.embed(x).float(), dim=-1) @ classes.T.to(explainer.device)
 
     def work(key: str) -> dict:
-        from ..errors import ImageReadError
-
         try:
             image = read_image(Path(imagenet_val) / key)
         except ImageReadError as e:

@@ -34,12 +34,21 @@ from typing import Any
 
 import numpy as np
 
+from ..apps.postprocess import source_run
+from ..common.categories import Categories
+from ..common.files import contained, write_text
 from ..config import Config, load_config
 from ..errors import InputError
-from ..export.files import contained
-from ..export.heatmaps import list_heatmap_files, load_heatmaps
+from ..evaluation.semantic import ClassIoU
+from ..export.coco import load_coco
+from ..export.heatmaps import check_cache_against_gt, list_heatmap_files, load_heatmaps
+from ..pipeline.images import ImageReadError, read_image
 from ..postprocess import ThresholdSpec
+from ..postprocess.detect import Candidate, greedy_nms
+from ..postprocess.geometry import minmax
+from ..postprocess.masks import find_instances
 from ..postprocess.refine import RefineSpec
+from ..postprocess.rle import decode
 from ..postprocess.scoring import combine
 
 METRICS = ("segm-ap", "segm-ap50", "bbox-ap", "miou")
@@ -98,10 +107,6 @@ class Setting:
 class Calibrator:
     def __init__(self, heatmap_dir: str | Path, gt: str | Path, *, config: Any = None, images: str | Path | None = None,
                  metric: str = "segm-ap", min_instances: int = 10, cache_bytes: int = MAP_CACHE_BYTES) -> None:
-        from ..export.categories import Categories
-        from ..export.coco import load_coco
-        from ..pipeline.offline import check_cache_against_gt, source_run
-
         if metric not in METRICS:
             raise InputError(f"metric must be one of {METRICS}, got {metric!r}")
         run_yaml, run = source_run(heatmap_dir)
@@ -146,8 +151,6 @@ class Calibrator:
     # ----------------------------------------------------------------------------------- candidates
     def _pixels(self, im: Image) -> np.ndarray:
         if im.pixels is None:
-            from ..pipeline.images import ImageReadError, read_image
-
             path = contained(self.root, im.file_name)  # a ground-truth name never leads a read elsewhere
             try:
                 im.pixels = read_image(path)
@@ -161,7 +164,6 @@ class Calibrator:
 
     def maps(self, im: Image, refine: str) -> np.ndarray:
         """``[K,H,W]``: the image's maps as the post-processor thresholds them (refined, then min-max)."""
-        from ..postprocess.geometry import minmax
 
         key = (im.id, refine)
         if key in self._maps:
@@ -181,7 +183,6 @@ class Calibrator:
 
     def candidates(self, key: tuple) -> dict[int, list[Query]]:
         """The components of every query of every image at (threshold, refinement)."""
-        from ..postprocess.masks import find_instances
 
         if key not in self._cands:
             (method, value), refine = key
@@ -266,32 +267,29 @@ class Calibrator:
                     if n == 0:
                         continue
                     rle, area, score, box = self._union(key, i, q, n)
-                    parts = [(0, rle, area, score, box, (key, i, q.index, "u", n))]
+                    parts = [Candidate(score, (q.index, 0), q.index, rle, q.presence, box=box, area=area,
+                                       uid=(key, i, q.index, "u", n))]
                 else:
-                    parts = [(j, q.rles[j], q.areas[j], q.scores[j], q.boxes[j], (key, i, q.index, "c", j))
+                    parts = [Candidate(q.scores[j], (q.index, j), q.index, q.rles[j], q.presence, box=q.boxes[j],
+                                       area=q.areas[j], uid=(key, i, q.index, "c", j))
                              for j in range(len(q.areas)) if q.areas[j] >= min_area]
-                for j, rle, area, score, box, uid in parts:
-                    if score >= pp.score_threshold:
-                        kept.append((score, q.index, j, q, rle, area, box, uid))
-            kept.sort(key=lambda c: (-c[0], c[1], c[2]))
+                kept += [c for c in parts if c.score >= pp.score_threshold]
+            kept.sort(key=Candidate.rank)
             if pp.nms is not None:
                 kept = self._nms(kept)
-            for score, _, _, q, rle, area, box, uid in kept[: pp.max_detections]:
-                out.append({"image_id": i, "category_id": q.category_id, "segmentation": rle,
-                            "bbox": [float(v) for v in box], "score": score, "area": area, "_uid": uid})
+            for c in kept[: pp.max_detections]:
+                out.append({"image_id": i, "category_id": im.category_ids[c.query], "segmentation": c.rle,
+                            "bbox": [float(v) for v in c.box], "score": c.score, "area": c.area, "_uid": c.uid})
         return out
 
-    def _nms(self, kept: list) -> list:
+    def _nms(self, kept: list[Candidate]) -> list[Candidate]:
         """The post-processor's NMS over one image's candidates (best first)."""
-
-        from ..postprocess.detect import greedy_nms
-
         if len(kept) < 2:
             return kept
         if self.base.postprocess.nms == "mask":
-            objs = [{"size": c[4]["size"], "counts": c[4]["counts"].encode()} for c in kept]
+            objs = [{"size": c.rle["size"], "counts": c.rle["counts"].encode()} for c in kept]
         else:
-            objs = [[float(v) for v in c[6]] for c in kept]
+            objs = [[float(v) for v in c.box] for c in kept]
         return [kept[i] for i in greedy_nms(objs, self.base.postprocess.nms_iou)]
 
     # -------------------------------------------------------------------------------------- metrics
@@ -319,9 +317,6 @@ class Calibrator:
         return float(p.mean()) if p.size else 0.0
 
     def _miou(self, res: list[dict], ids: list[int]) -> float:
-        from ..postprocess.rle import decode
-        from .semantic import ClassIoU
-
         acc = ClassIoU()
         by: dict[int, list] = {}
         for r in res:
@@ -394,7 +389,6 @@ def calibrate(heatmap_dir: str | Path, gt: str | Path, out: str | Path, *, metri
               seed: int = 0, min_instances: int = 10) -> dict:
     """Search, cross-validate and write ``out`` (a config usable with ``--config``; see the module
     docstring). Returns the calibration record."""
-    from ..export.files import write_text
 
     t0 = time.perf_counter()
     cal = Calibrator(heatmap_dir, gt, config=config, images=images, metric=metric, min_instances=min_instances)

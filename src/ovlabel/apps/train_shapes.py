@@ -23,8 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..export.files import write_json, write_text
-from .shapes import CLASSES, scene_arrays
+from ..common.files import write_json, write_text
+from ..datasets.shapes import CLASSES, scene_arrays
+from ..models import MANIFEST, SHIPPED_DIR, register_config
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,6 @@ EVAL_TEMPLATE = "a photo of a {}."
 
 def build_model(seed: int):
     import open_clip
-
-    from ..models import register_config
 
     register_config(MODEL_NAME, MODEL_CONFIG)
     torch.manual_seed(seed)
@@ -157,8 +156,6 @@ def ship(run_dir: str | Path, package_models_dir: str | Path | None = None) -> d
     """Copy a trained model into the package (``src/ovlabel/models``) and record it in ``MANIFEST.json``
     (weights file, sha256, preprocessing, how it was trained)."""
     import shutil
-
-    from ..models import MANIFEST, SHIPPED_DIR
 
     run_dir = Path(run_dir)
     dest = Path(package_models_dir) if package_models_dir else SHIPPED_DIR

@@ -33,7 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, OvlabelError
+from ...common.files import fsync_dir
+from ...config import load_config
+from ...errors import InputError, OutputError, OvlabelError
+from ..images import decode_item
+from ..manifest import digest
+from .sink import Counts, RecordSink
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +127,6 @@ def size_actors(options: RayOptions, nodes: list[dict]) -> Sizing:
 def decode_batch(row: dict[str, Any]) -> dict[str, Any]:
     """Ray task: decode one ovlabel batch (``items``: pickled ``ImageItem`` list) with ovlabel's decoder.
     A bad image becomes a ``DecodedImage`` with its error, as in the local engine."""
-    from .images import decode_item
 
     items = pickle.loads(row["items"])
     decoded = [decode_item(it, int(row["max_pixels"]), row["max_aspect_ratio"]) for it in items]
@@ -144,9 +148,6 @@ class Labeller:
         import cv2
         import torch
 
-        from ..config import load_config
-        from .manifest import digest
-
         torch.set_num_threads(threads)
         cv2.setNumThreads(threads)
         self.pipe = pipeline(load_config(config))
@@ -162,12 +163,10 @@ class Labeller:
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         import ray
 
-        from ..export.files import fsync_dir
-
         decoded = pickle.loads(row["decoded"])
         self.pipe.stats = {}
         records = self.pipe.label_batch(decoded, self.out_dir, categories=self.categories)
-        for sub in self.pipe._extra_dirs(self.out_dir):  # outputs durable before their records
+        for sub in self.pipe.output_dirs(self.out_dir):  # outputs durable before their records
             fsync_dir(sub)
         return {"batch": row["batch"], "records": pickle.dumps(records, protocol=pickle.HIGHEST_PROTOCOL),
                 "stats": pickle.dumps(dict(self.pipe.stats)), "node": ray.get_runtime_context().get_node_id()}
@@ -242,23 +241,37 @@ def _data_context() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def execute(pipe: Any, plan: Any, options: RayOptions, config: Any = None) -> dict:
-    """Label ``plan.todo`` on Ray and append the records (the counterpart of ``Pipeline.execute``).
+def before_plan(pipe: Any, options: RayOptions | None) -> tuple[Any, RayOptions]:
+    """Checks before any work, and the pipeline that plans: Ray must be installed; a CUDA model reserves a
+    GPU per actor (so that a cluster without GPUs is refused at once, not by a worker failing to load the
+    model); and with ``model.device`` cuda the driver plans and merges on the CPU, so that a head node
+    without a GPU can drive GPU actors (the actors get the configuration as given)."""
+    import dataclasses
+
+    options = options if options is not None else RayOptions()
+    if str(pipe.cfg.model.device).startswith("cuda") and not options.gpus_per_actor:
+        options = dataclasses.replace(options, gpus_per_actor=1.0)
+        log.info("--device %s with --engine ray: one GPU per actor (--gpus-per-actor 1)", pipe.cfg.model.device)
+    _connect_check()
+    if pipe.has_model_loaded or not str(pipe.cfg.model.device).startswith("cuda"):
+        return pipe, options
+    cfg = pipe.cfg.model_copy(deep=True)
+    cfg.model.device = "cpu"
+    return type(pipe)(cfg), options
+
+
+def execute(pipe: Any, plan: Any, options: RayOptions | None = None, config: Any = None) -> dict:
+    """Label ``plan.todo`` on Ray and append the records (the counterpart of the local engine).
     ``config``: the actors' configuration (default ``pipe.cfg``; the driver may plan on the CPU while the
     actors use a GPU)."""
-    from ..errors import OutputError
-    from ..export.records import RecordWriter
-    from .manifest import digest
 
-    counts = {"images": sum(len(b) for b in plan.batches),
-              "resumed_skipped": sum(len(b) for b in plan.batches) - sum(len(b) for b in plan.todo),
-              "labelled": 0, "failed": 0, "detections": 0}
+    options = options if options is not None else RayOptions()
     done_batches = len(plan.batches) - len(plan.todo)
     if done_batches:
         log.warning("resuming: %d of %d batches already have records and are not redone; labelling %d",
                     done_batches, len(plan.batches), len(plan.todo))
-    stats: dict[str, int] = {}
     nodes_used: set[str] = set()
+    counts = Counts.of(plan)
     connected = _connect(options)
     try:
         import ray
@@ -272,17 +285,9 @@ def execute(pipe: Any, plan: Any, options: RayOptions, config: Any = None) -> di
         cfg = pipe.cfg
         rows = [{"batch": k, "items": pickle.dumps(b), "max_pixels": int(cfg.run.max_pixels),
                  "max_aspect_ratio": cfg.run.max_aspect_ratio} for k, b in enumerate(plan.todo)]
-        from tqdm import tqdm
-
-        progress = tqdm(total=sum(len(b) for b in plan.todo), unit="img", disable=not cfg.run.progress,
-                        dynamic_ncols=True, desc=f"ovlabel{plan.tag} (ray)")
-        try:
-            with RecordWriter(plan.records) as writer:
-                if writer.torn_bytes:
-                    log.warning("%s ended with a partial record (%d bytes, cut off by an interruption); removed",
-                                plan.records, writer.torn_bytes)
-                if not rows:
-                    return {**counts, "postprocess": stats}
+        with RecordSink(plan, progress=cfg.run.progress, desc=" (ray)", log_failures=True) as sink:
+            counts = sink.counts
+            if rows:
                 concurrency = options.decode_concurrency or 2 * sizing.max_actors
                 ds = ray.data.from_items(rows, override_num_blocks=len(rows))
                 ds = ds.map(decode_batch, num_cpus=DECODE_CPUS,
@@ -295,25 +300,11 @@ def execute(pipe: Any, plan: Any, options: RayOptions, config: Any = None) -> di
                                                                        max_size=sizing.max_actors),
                             num_cpus=sizing.cpus, num_gpus=sizing.gpus or None)
                 for row in ds.iter_rows():
-                    records = pickle.loads(row["records"])
-                    writer.append(records)
+                    sink.append(pickle.loads(row["records"]))
                     nodes_used.add(row["node"])
-                    for k, v in pickle.loads(row["stats"]).items():
-                        stats[k] = stats.get(k, 0) + int(v)
-                    for r in records:
-                        if "error" in r:
-                            counts["failed"] += 1
-                            log.warning("skipped %s: %s", r["image"]["file_name"], r["error"])
-                        else:
-                            counts["labelled"] += 1
-                            counts["detections"] += len(r["results"])
-                    progress.update(len(records))
-                    progress.set_postfix(failed=counts["failed"], dets=counts["detections"])
-        finally:
-            progress.close()
-    except OutputError as e:
-        raise OutputError(f"{e}\nthe images labelled so far are kept in {plan.records}; once the problem is "
-                          "fixed, rerun the same command with --resume") from None
+                    counts.add_stats(pickle.loads(row["stats"]))
+    except OutputError:
+        raise
     except Exception as e:
         cause = _root_cause(e)
         if isinstance(cause, OvlabelError) and cause is not e:
@@ -325,9 +316,9 @@ def execute(pipe: Any, plan: Any, options: RayOptions, config: Any = None) -> di
             import ray
 
             ray.shutdown()
-    counts["postprocess"] = stats
-    counts["ray_nodes"] = sorted(nodes_used)  # the nodes whose actors labelled
-    return counts
+    if rows:
+        counts.extra["ray_nodes"] = sorted(nodes_used)  # the nodes whose actors labelled
+    return counts.as_dict()
 
 
 def _root_cause(e: BaseException) -> BaseException:
@@ -340,40 +331,3 @@ def _root_cause(e: BaseException) -> BaseException:
             break
         e = nxt
     return e
-
-
-def shard_from_environment(env: dict[str, str] | None = None) -> tuple[int, int]:
-    """``--shard auto``: ``(I, N)`` from the scheduler — a SLURM job array (``SLURM_ARRAY_TASK_ID`` minus
-    ``SLURM_ARRAY_TASK_MIN``, out of ``SLURM_ARRAY_TASK_COUNT``) or torchrun (``RANK`` of
-    ``WORLD_SIZE``)."""
-    env = dict(os.environ if env is None else env)
-
-    def ints(*names: str) -> list[int] | None:
-        if not all(env.get(n) not in (None, "") for n in names):
-            return None
-        try:
-            return [int(env[n]) for n in names]
-        except ValueError:
-            raise InputError("--shard auto: " + ", ".join(f"{n}={env[n]!r}" for n in names) +
-                             " are not integers") from None
-
-    slurm = ints("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
-    if slurm is not None:
-        first = ints("SLURM_ARRAY_TASK_MIN")
-        index, count = slurm[0] - (first[0] if first else 0), slurm[1]
-        step = ints("SLURM_ARRAY_TASK_STEP")
-        if step and step[0] != 1:
-            raise InputError(f"--shard auto: the SLURM array has a step of {step[0]}; use a contiguous array "
-                             "(--array=0-N) or pass --shard I/N")
-        source = "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT"
-    else:
-        torchrun = ints("RANK", "WORLD_SIZE")
-        if torchrun is None:
-            raise InputError("--shard auto found no scheduler in the environment (SLURM_ARRAY_TASK_ID and "
-                             "SLURM_ARRAY_TASK_COUNT of a SLURM job array, or RANK and WORLD_SIZE of torchrun); "
-                             "pass --shard I/N")
-        index, count = torchrun
-        source = "RANK/WORLD_SIZE"
-    if not (count >= 1 and 0 <= index < count):
-        raise InputError(f"--shard auto: {source} give shard {index} of {count}, which is not a valid shard")
-    return index, count

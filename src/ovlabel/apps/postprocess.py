@@ -10,16 +10,19 @@ import tempfile
 from pathlib import Path
 
 from .. import __version__
+from ..common.categories import Categories, load_categories
+from ..common.files import contained, ensure_writable_dir, fsync_dir, relative_name_problem, write_yaml
 from ..config import Config, load_config, parse_yaml, read_text_file
 from ..errors import ImageReadError, InputError
-from ..export.categories import Categories, load_categories
 from ..export.coco import load_coco
-from ..export.files import contained, ensure_writable_dir, fsync_dir, output_stem, relative_name_problem, write_yaml
 from ..export.formats import write_dataset
-from ..export.heatmaps import load_heatmaps, scan_heatmap_files
+from ..export.heatmaps import check_cache_against_gt, load_heatmaps, scan_heatmap_files
+from ..export.overlays import draw_overlay, save_image_atomic
 from ..export.records import RecordWriter
+from ..pipeline import manifest as run_manifest
+from ..pipeline.images import ImageItem, read_image
+from ..pipeline.run import RunLayout
 from ..postprocess import Postprocessor
-from . import manifest as run_manifest
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,8 @@ def source_run(heatmap_dir: str | Path) -> tuple[Path | None, dict]:
     (heatmaps written by another tool). A run file that is there but unreadable, or not a run file, is an
     error — never a silent fall back on defaults, which would renumber the categories."""
     run_dir = Path(heatmap_dir).absolute().parent
-    for path in [run_dir / "run.yaml", *sorted(run_dir.glob("run.shard-*-of-*.yaml"))]:
+    *run_files, manifest_path = RunLayout.source_files(run_dir)
+    for path in run_files:
         if not os.path.lexists(path):
             continue
         where = f"{path} (the run that wrote these heatmaps)"
@@ -41,7 +45,6 @@ def source_run(heatmap_dir: str | Path) -> tuple[Path | None, dict]:
             raise InputError(f"{where} is not an ovlabel run file (a mapping with a 'config' section); restore it, "
                              "or pass --config and --coco-gt/--categories")
         return path, meta
-    manifest_path = run_dir / run_manifest.NAME
     if os.path.lexists(manifest_path):
         m = run_manifest.load(manifest_path)
         try:
@@ -61,7 +64,7 @@ def check_not_a_run(out_dir: Path, source: Path | None) -> None:
     run's ``run.yaml`` (versions, weights sha256, failures)."""
     out = Path(out_dir)
     same = source is not None and out.is_dir() and os.path.samefile(out, source.parent)
-    if same or (out / run_manifest.NAME).exists():
+    if same or RunLayout(out).manifest.exists():
         raise InputError(f"--out {out_dir} is the folder of a labelling run: writing there would replace its run.yaml "
                          f"(its versions, weights and failures); choose another folder, e.g. {Path(out_dir) / 'post'}")
 
@@ -160,16 +163,17 @@ def postprocess_heatmaps(
                     writer.flush()
                 if cfg.export.overlays:  # into the temporary folder: moved into place once all files are valid
                     _overlay(Path(tmp), root, rec, image, dets)
-        pictures = sorted((Path(tmp) / "overlays").glob("*.jpg"))
+        staged, layout = RunLayout(Path(tmp)), RunLayout(out_dir)
+        pictures = sorted(staged.overlays.glob("*.jpg"))
         if pictures:
-            (out_dir / "overlays").mkdir(exist_ok=True)
+            layout.overlays.mkdir(exist_ok=True)
             for p in pictures:
-                os.replace(p, out_dir / "overlays" / p.name)
-            fsync_dir(out_dir / "overlays")
+                os.replace(p, layout.overlays / p.name)
+            fsync_dir(layout.overlays)
         paths = {i: contained(root, seen_name) for i, seen_name in names.items()} if root is not None else {}
         summary = write_dataset([records], out_dir, cats, export_cfg=cfg.export.model_dump(), gt=gt_coco,
                                 image_root=root.absolute() if root is not None else None, image_paths=paths)
-    write_yaml(out_dir / "run.yaml", {
+    write_yaml(layout.run_yaml, {
         "ovlabel": __version__, "status": "complete", "command": command if command is not None else " ".join(sys.argv),
         "end_time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "heatmaps": str(Path(heatmap_dir).absolute()), "source_run": str(run_yaml) if run_yaml else None,
@@ -179,34 +183,14 @@ def postprocess_heatmaps(
         "counts": {"images": summary["images"], "annotations": summary["annotations"], "failed": len(failures),
                    "skipped": len(skipped)},
         "failures": failures, "skipped": skipped,
-        "outputs": {"predictions": "predictions.json", "dataset": "dataset.json", "formats": summary["formats"]},
+        "outputs": layout.outputs(summary["formats"]),
     })
     summary["failures"], summary["skipped"] = failures, skipped
     return summary
 
 
-def check_cache_against_gt(f: Path, rec, gt_coco, gt) -> str:
-    """A cache used with a ground truth must be of that ground truth's image: its id exists, its size is
-    the image's, and its ``file_name`` is the image's (another run's caches can share ids and sizes).
-    Returns the ground truth's file name."""
-    img = gt_coco.imgs.get(rec.image_id)
-    if img is None:
-        raise InputError(f"{f}: field 'image_id' {rec.image_id} is not in {gt}")
-    H, W = rec.size
-    if (img.get("height"), img.get("width")) != (H, W):
-        raise InputError(f"{f}: field 'heatmaps' is {W}x{H} but image {rec.image_id} of {gt} "
-                              f"is {img.get('width')}x{img.get('height')}")
-    name = img.get("file_name")
-    if not isinstance(name, str) or os.path.normpath(rec.file_name) != os.path.normpath(name):
-        raise InputError(f"{f}: field 'file_name' is {rec.file_name!r} but image {rec.image_id} of {gt} is "
-                              f"{name!r}: these heatmaps are not of this ground truth's images")
-    return name
-
-
 def _image(root: Path, image: dict, rec):
     """The pixels of a cached image, for map refinement (its size must be the heatmaps')."""
-    from .images import read_image
-
     path = contained(root, image["file_name"])
     try:
         pixels = read_image(path)
@@ -218,10 +202,7 @@ def _image(root: Path, image: dict, rec):
     return pixels
 
 
-def _overlay(out_dir: Path, root: Path, rec, image: dict, dets) -> None:
-    from ..export.overlays import draw_overlay, save_image_atomic
-    from .images import read_image
-
+def _overlay(staging: Path, root: Path, rec, image: dict, dets) -> None:
     try:
         pixels = read_image(contained(root, image["file_name"]))
     except ImageReadError as e:
@@ -231,5 +212,5 @@ def _overlay(out_dir: Path, root: Path, rec, image: dict, dets) -> None:
         log.warning("no overlay for %s: the image is %dx%d but its heatmaps are %dx%d", image["file_name"],
                     pixels.shape[1], pixels.shape[0], rec.size[1], rec.size[0])
         return
-    save_image_atomic(out_dir / "overlays" / f"{output_stem(image['id'], image['file_name'])}.jpg",
-                      draw_overlay(pixels, dets, rec.maps, rec.queries, rec.presence))
+    item = ImageItem(image["id"], root / image["file_name"], image["file_name"])
+    save_image_atomic(RunLayout(staging).overlay(item), draw_overlay(pixels, dets, rec.maps, rec.queries, rec.presence))

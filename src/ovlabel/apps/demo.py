@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..common.files import write_text
 from ..datasets.shapes import write_coco
 from ..evaluation.coco import evaluate, format_table
 from ..evaluation.report import markdown_table, overlay_grid, per_class_ap_chart, pr_curves
 from ..evaluation.semantic import semantic_evaluation
 from ..export.coco import atomic_write_json, load_coco
-from ..export.files import write_text
-from .runner import Pipeline
+from ..pipeline.run import RunLayout
+from ..pipeline.runner import Pipeline
 
 DEMO_SIZES = ((64, 96), (96, 64), (80, 80), (72, 112), (64, 64))
 
@@ -48,14 +49,15 @@ def run_demo(out_dir: str | Path = "ovlabel-demo", *, images: int = 40, seed: in
     summary = pipe.run(coco_gt=gt_path, images_dir=data / "images", out_dir=run_dir, command="ovlabel demo")
     t_label = time.time() - t1
     gt = load_coco(gt_path)
-    results = json.loads((run_dir / "predictions.json").read_text())
+    layout = RunLayout(run_dir)
+    results = json.loads(layout.predictions.read_text())
     metrics = evaluate(gt, results, curves=True)
-    sem = semantic_evaluation(gt, results, heatmap_dir=run_dir / "heatmaps", score_threshold=mask_score_threshold)
+    sem = semantic_evaluation(gt, results, heatmap_dir=layout.heatmaps, score_threshold=mask_score_threshold)
     baseline = random_object_baseline(gt)
 
     fig = out_dir / "figures"
     fig.mkdir(parents=True, exist_ok=True)
-    overlays = sorted((run_dir / "overlays").glob("*.jpg"))[:12]
+    overlays = sorted(layout.overlays.glob("*.jpg"))[:12]
     overlay_grid(overlays, fig / "overlays.png")
     per_class_ap_chart(metrics["segm"]["per_class"], fig / "per_class_ap.png", "segm AP per class")
     pr = metrics["segm"]["pr50"]
