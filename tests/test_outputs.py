@@ -258,5 +258,15 @@ def test_python_api_names_and_supervision_round_trip(tmp_path, capsys):
         assert sorted(d.areas.tolist()) == sorted(a["area"] for a in anns)
         sv_d = d.to_supervision()
         assert np.allclose(sv_d.xyxy[:, 2:] - sv_d.xyxy[:, :2], d.boxes[:, 2:])
-        assert np.array_equal(sv_d.mask, d.masks) and np.array_equal(sv_d.class_id, d.category_ids)
+        assert np.array_equal(sv_d.mask, d.masks)
+        # supervision's 0-based class index, with the class names and the COCO ids beside it
+        assert np.array_equal(sv_d.class_id, d.category_ids - 1)
+        assert np.array_equal(sv_d.data["category_id"], d.category_ids)
+        assert list(sv_d.data["class_name"]) == list(d.labels)
+        classes = ["y", "x"]  # another order: class_id follows the list given
+        assert [classes[i] for i in d.to_supervision(classes).class_id] == list(d.labels)
+        assert np.array_equal(d.to_supervision(data["categories"]).class_id, d.category_ids - 1)
+        if len(d):
+            with pytest.raises(InputError, match="not in the class list"):
+                d.to_supervision(["z"])
     assert os.path.exists(out / "predictions.json")

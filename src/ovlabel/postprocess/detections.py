@@ -221,18 +221,38 @@ class Detections:
         labels = [names[c] if names and c in names else str(r.get("label", c)) for c, r in zip(cats, results)]
         return cls.from_rles(rles, (H, W), [float(r["score"]) for r in results], cats, labels)
 
-    def to_supervision(self):
-        """A ``supervision.Detections``: ``xyxy`` boxes (``x + w``, ``y + h``), the masks, ``confidence`` =
-        scores, ``class_id`` = category ids, ``data["class_name"]`` = labels. Needs ``pip install supervision``."""
+    def to_supervision(self, classes=None):
+        """A ``supervision.Detections`` with supervision's conventions: ``xyxy`` boxes (``x + w``, ``y + h``),
+        the masks, ``confidence`` = scores, ``class_id`` = the 0-based index of each detection's class in
+        ``classes`` (what ``sv.DetectionDataset.classes[class_id]`` and supervision's annotators read),
+        ``data["class_name"]`` = labels and ``data["category_id"]`` = the COCO category ids.
+
+        ``classes``: the ordered class names — a list of names, a :class:`~ovlabel.common.categories.Categories`
+        or a COCO ``categories`` list (e.g. ``dataset.json``'s). Without it, ``class_id`` is
+        ``category_id − 1``: ovlabel numbers the queries' categories 1..K in the order given, so that is the
+        query's index; with a ground truth's category ids (gaps, other order), pass ``classes``.
+        Needs ``pip install supervision``."""
         try:
             import supervision as sv
         except ImportError:
             raise ImportError("Detections.to_supervision needs supervision: pip install supervision") from None
+        if classes is None:
+            class_id = self.category_ids.astype(int) - 1
+        else:
+            names = list(getattr(classes, "names", classes))
+            names = [c["name"] if isinstance(c, dict) else str(c) for c in names]
+            missing = sorted(set(self.labels) - set(names))
+            if missing:
+                raise InputError(f"to_supervision: classes {missing} are not in the class list given ({len(names)} "
+                                 "names); pass every class the detections use")
+            index = {n: i for i, n in enumerate(names)}
+            class_id = np.array([index[label] for label in self.labels], dtype=int)
         xyxy = self.boxes.copy()
         xyxy[:, 2:] += xyxy[:, :2]
+        data = ({"class_name": np.array(self.labels, dtype=object), "category_id": self.category_ids.astype(int)}
+                if len(self) else {})
         return sv.Detections(xyxy=xyxy.astype(np.float32), mask=self.masks if len(self) else None,
-                             confidence=self.scores.astype(np.float32), class_id=self.category_ids.astype(int),
-                             data={"class_name": np.array(self.labels, dtype=object)} if len(self) else {})
+                             confidence=self.scores.astype(np.float32), class_id=class_id.astype(int), data=data)
 
     def rles(self) -> list[dict]:
         """Compressed RLEs with ``counts`` as ``str`` (JSON-ready)."""
