@@ -16,6 +16,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from ovlabel.cli import main
+from ovlabel.errors import InputError
 from test_coco import check_invariants
 from test_pipeline import BASE, label, scenes
 
