@@ -54,7 +54,8 @@ def worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     summary = EXPORTERS[spec["format"]](ExportContext(ds, out, {1: image}))
     seconds = time.perf_counter() - t0
-    layers = len(list((out / "masks" / "layers").glob("*.png"))) if (out / "masks" / "layers").is_dir() else 0
+    layer_dir = out / "masks-instance" / "layers"
+    layers = len(list(layer_dir.glob("*.png"))) if layer_dir.is_dir() else 0
     return {"format": spec["format"], "seconds": seconds, "peak_rss_added_mb": peak_rss_mb() - before,
             "images": summary.get("images"), "layer_files": layers}
 

@@ -89,7 +89,7 @@ def test_cache_names_never_lead_a_file_operation_outside_the_run(tmp_path, capsy
         or "absolute path" in run["failures"][0]["error"]
     dataset = json.loads((out / "dataset.json").read_text())
     assert [i["file_name"] for i in dataset["images"]] == ["ok.png"]
-    assert sorted(p.name for p in (out / "yolo-det" / "images").iterdir()) == ["ok.png"]
+    assert sorted(p.name for p in (out / "yolo-det" / "images").rglob("*") if not p.is_dir()) == ["ok.png"]
 
 
 def test_the_yolo_exporter_refuses_names_that_escape(tmp_path):
@@ -105,9 +105,9 @@ def test_the_yolo_exporter_refuses_names_that_escape(tmp_path):
     r = EXPORTERS["yolo-det"](ExportContext(dataset, run, {1: tmp_path / "img.png", 2: tmp_path / "img.png"}))
     assert r["images"] == 1 and r["skipped"][0]["image_id"] == 1 and "outside" in r["skipped"][0]["error"]
     assert outside.read_text() == "keep"
-    assert (run / "yolo-det" / "labels" / "sub" / "ok.txt").exists()
+    assert (run / "yolo-det" / "labels" / "train" / "sub" / "ok.txt").exists()
     # a link inside the dataset that points elsewhere is not followed for writing either
-    (run / "yolo-det" / "images" / "evil").symlink_to(tmp_path)
+    (run / "yolo-det" / "images" / "train" / "evil").symlink_to(tmp_path)
     dataset["images"][1]["file_name"] = "evil/img.png"
     r = EXPORTERS["yolo-det"](ExportContext(dataset, run, {1: tmp_path / "img.png", 2: tmp_path / "img.png"}))
     assert r["images"] == 0 and (tmp_path / "img.png").read_bytes() == b"x"
@@ -583,7 +583,7 @@ def test_masks_instance_with_hundreds_of_overlapping_detections_is_bounded(tmp_p
     EXPORTERS["masks-instance"](ExportContext(ds, tmp_path))
     assert time.time() - t0 < 60
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 300 * 1024  # KiB
-    meta = json.loads((tmp_path / "masks" / "000001_x.json").read_text())
+    meta = json.loads((tmp_path / "masks-instance" / "000001_x.json").read_text())
     for value, entry in meta["values"].items():
-        img = np.asarray(Image.open(tmp_path / "masks" / entry["complete_in"]))
+        img = np.asarray(Image.open(tmp_path / "masks-instance" / entry["complete_in"]))
         assert np.array_equal(img == int(value), masks[entry["annotation_id"]]), value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -82,14 +83,21 @@ def test_yolo_and_png_mask_exports(tmp_path, capsys):
     for task in ("seg", "det"):
         root = out / f"yolo-{task}"
         spec = yaml.safe_load((root / "data.yaml").read_text())
-        assert spec["names"] == {i: c["name"] for i, c in enumerate(cats)} and spec["train"] == "images"
-        assert Path(spec["path"]) == root.absolute()
+        assert spec["names"] == {i: c["name"] for i, c in enumerate(cats)} and spec["nc"] == len(cats)
+        assert (spec["train"], spec["val"]) == ("images/train", "images/val")
+        assert "path" not in spec  # Ultralytics then reads the dataset where data.yaml is: the folder can move
         mapping = json.loads((root / "categories.json").read_text())
         assert {int(k): v["category_id"] for k, v in mapping.items()} == {i: c["id"] for i, c in enumerate(cats)}
+        placed = json.loads((root / "images.json").read_text())
+        assert sorted(int(k) for k in placed) == sorted(i["id"] for i in data["images"])
+        assert {p["split"] for p in placed.values()} == {"train", "val"}  # 5 images, val_fraction 0.1: one in val
         for img in data["images"]:
-            link = root / "images" / img["file_name"]
-            assert link.is_symlink() and link.resolve() == (src / img["file_name"]).resolve()
-            lines = (root / "labels" / img["file_name"]).with_suffix(".txt").read_text().splitlines()
+            entry = placed[str(img["id"])]
+            link = root / entry["image"]
+            assert entry["image"] == f"images/{entry['split']}/{img['file_name']}"
+            assert link.is_symlink() and not os.path.isabs(os.readlink(link))
+            assert link.resolve() == (src / img["file_name"]).resolve()
+            lines = (root / "labels" / entry["split"] / img["file_name"]).with_suffix(".txt").read_text().splitlines()
             anns = [a for a in data["annotations"] if a["image_id"] == img["id"]]
             assert len(lines) == len(anns)
             H, W = img["height"], img["width"]
@@ -106,7 +114,7 @@ def test_yolo_and_png_mask_exports(tmp_path, capsys):
                     back = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([poly], H, W))).astype(bool)
                     m = _ann_mask(a, H, W)
                     assert (back & m).sum() / (back | m).sum() > 0.97  # the outline of the mask (6 decimals)
-    masks = sorted((out / "masks").glob("*.png"))
+    masks = sorted((out / "masks-instance").glob("*.png"))
     assert len(masks) == len(data["images"])
     hidden = 0
     for png in masks:
@@ -189,6 +197,94 @@ def test_queries_do_not_swallow_inputs(tmp_path, capsys):
     label(["--out", str(tmp_path / "o2"), *BASE, "-q", "cat", "-q", "remote control", str(src)], capsys)
     run = yaml.safe_load((tmp_path / "o2" / "run.yaml").read_text())
     assert run["queries"]["names"] == ["cat", "remote control"]
+
+
+
+def load_yolo(data_yaml: Path) -> dict[str, list[tuple[Path, list[str]]]]:
+    """A YOLO dataset read as Ultralytics documents it: the root is ``path`` or, without it, the folder of
+    ``data.yaml``; ``train``/``val`` are image folders under it; an image's labels are at the same place
+    with the last ``images`` replaced by ``labels`` and the suffix by ``.txt``. Every image must open and
+    every label line name a class of ``names``."""
+    spec = yaml.safe_load(data_yaml.read_text())
+    root = Path(spec["path"]) if spec.get("path") else data_yaml.parent
+    out = {}
+    for split in ("train", "val"):
+        folder = root / spec[split]
+        assert folder.is_dir(), folder
+        items = []
+        for img in sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"}):
+            with Image.open(img) as im:  # through the link or the copy
+                im.load()
+            parts = list(img.parts)
+            k = len(parts) - 1 - parts[::-1].index("images")
+            label = Path(*parts[:k], "labels", *parts[k + 1:]).with_suffix(".txt")
+            lines = label.read_text().splitlines()
+            assert all(0 <= int(line.split()[0]) < len(spec["names"]) for line in lines)
+            items.append((img, lines))
+        out[split] = items
+    return out
+
+
+def test_formats_never_collide_and_same_stems_get_their_own_labels(tmp_path, capsys):
+    src = scenes(tmp_path / "in", 3)
+    rng = np.random.default_rng(5)
+    for name in ("x.png", "x.jpg"):  # one stem, two images: YOLO would label both as x.txt
+        Image.fromarray((rng.random((48, 56, 3)) * 255).astype(np.uint8)).save(src / name)
+    out = tmp_path / "out"
+    label([str(src), "--out", str(out), *BASE, "--queries", "x", "y", "--masks", "instance",
+           "--format", "masks-semantic", "--format", "yolo-det", "--format", "yolo-seg"], capsys)
+    data = json.loads((out / "dataset.json").read_text())
+    n = len(data["images"])
+    assert n == 5
+    for kind in ("instance", "semantic"):  # each format in its own folder: one never overwrites the other
+        pngs = sorted((out / f"masks-{kind}").glob("*.png"))
+        assert len(pngs) == n
+        assert {json.loads(p.with_suffix(".json").read_text())["kind"] for p in pngs} == {kind}
+    assert not (out / "masks").exists()
+    for task in ("det", "seg"):
+        loaded = load_yolo(out / f"yolo-{task}" / "data.yaml")
+        images = [img for split in ("train", "val") for img, _ in loaded[split]]
+        assert len(images) == n and len({p.with_suffix("") for p in images}) == n  # distinct label files
+        placed = json.loads((out / f"yolo-{task}" / "images.json").read_text())
+        by_name = {e["file_name"]: e["image"] for e in placed.values()}
+        ids = {i["file_name"]: i["id"] for i in data["images"]}
+        assert Path(by_name["x.png"]).name == f"x_{ids['x.png']}.png"
+        assert Path(by_name["x.jpg"]).name == f"x_{ids['x.jpg']}.jpg"
+        assert Path(by_name["img_000.png"]).name == "img_000.png"  # names that do not collide are kept
+
+
+def test_yolo_datasets_survive_a_move_and_split_deterministically(tmp_path, capsys):
+    project = tmp_path / "project"
+    src = scenes(project / "images", 12)
+    out = project / "run"
+    label([str(src), "--out", str(out), *BASE, "--queries", "x", "y", "--format", "yolo-seg",
+           "--val-fraction", "0.25"], capsys)
+    before = load_yolo(out / "yolo-seg" / "data.yaml")
+    split = {p.name: s for s in ("train", "val") for p, _ in before[s]}
+    assert 0 < sum(s == "val" for s in split.values()) < 12
+    # the split is a hash of the image id: the same in another run, on another machine
+    from ovlabel.export.formats import in_val
+    data = json.loads((out / "dataset.json").read_text())
+    assert {i["file_name"]: "val" if in_val(i["id"], 0.25) else "train" for i in data["images"]} == split
+    assert "val_fraction 0.25" in (out / "yolo-seg" / "data.yaml").read_text()
+    # relative links: the images and the run moved together keep the dataset loadable
+    moved = tmp_path / "elsewhere" / "project2"
+    moved.parent.mkdir()
+    project.rename(moved)
+    after = load_yolo(moved / "run" / "yolo-seg" / "data.yaml")
+    assert {s: [(p.name, lines) for p, lines in after[s]] for s in after} == \
+        {s: [(p.name, lines) for p, lines in before[s]] for s in before}
+    # --copy-images: the run folder alone can move (hard links or copies, no links out of it)
+    alone = tmp_path / "alone"
+    label([str(moved / "images"), "--out", str(alone), *BASE, "--queries", "x", "y", "--format", "yolo-det",
+           "--copy-images", "--val-fraction", "0"], capsys)
+    spec = yaml.safe_load((alone / "yolo-det" / "data.yaml").read_text())
+    assert spec["val"] == spec["train"] == "images/train"  # no validation split asked for: val = train
+    assert not any(p.is_symlink() for p in (alone / "yolo-det").rglob("*"))
+    shutil.rmtree(moved)
+    (alone).rename(tmp_path / "alone-moved")
+    loaded = load_yolo(tmp_path / "alone-moved" / "yolo-det" / "data.yaml")
+    assert len(loaded["train"]) == 12
 
 
 def test_verbose_and_quiet_anywhere_and_help_shows_defaults(tmp_path, capsys):

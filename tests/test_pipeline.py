@@ -59,7 +59,7 @@ def test_end_to_end_on_real_images(tmp_path, capsys):
     assert sizes["astronaut.png"] == (509, 513) and sizes["dogcat2.png"] == (660, 371)  # JPEG behind .png
     assert len(list((out / "overlays").glob("*.jpg"))) == len(images)
     assert len(list((out / "heatmaps").glob("*.npz"))) == len(images)
-    assert len(list((out / "masks").glob("*.png"))) == len(images)
+    assert len(list((out / "masks-instance").glob("*.png"))) == len(images)
     run = yaml.safe_load((out / "run.yaml").read_text())
     assert run["status"] == "complete" and run["counts"]["labelled"] == len(images) and run["failures"] == []
     assert run["ignored_non_images"] == [str(REAL / "README.md")]

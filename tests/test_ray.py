@@ -97,7 +97,7 @@ def test_coco_gt_tiling_shifts_and_formats_behave_as_locally(cluster, tmp_path, 
               "--format", "masks-instance", "--format", "yolo-seg"]
     label([*common, *LOCAL2, "--out", str(tmp_path / "local")], capsys)
     label([*common, "--out", str(tmp_path / "ray"), "--engine", "ray"], capsys)
-    _same_outputs(tmp_path / "local", tmp_path / "ray", ("masks",))
+    _same_outputs(tmp_path / "local", tmp_path / "ray", ("masks-instance",))
     ids = sorted(i["id"] for i in json.loads((tmp_path / "ray" / "dataset.json").read_text())["images"])
     assert ids == [100, 103, 106, 109]
     assert (tmp_path / "ray" / "yolo-seg" / "data.yaml").exists()

@@ -106,6 +106,10 @@ def _export_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
         sets.append(("export.formats", list(args.formats)))
     if args.dataset_min_score is not None:
         sets.append(("export.dataset_min_score", args.dataset_min_score))
+    if args.val_fraction is not None:
+        sets.append(("export.val_fraction", args.val_fraction))
+    if args.copy_images:
+        sets.append(("export.copy_images", True))
     return sets
 
 
@@ -566,13 +570,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _export_options(p) -> None:
-    p.add_argument("--masks", choices=["instance", "semantic"], help="write masks/*.png and their .json "
-                   "(same as --format masks-KIND) {config: export.masks}")
+    p.add_argument("--masks", choices=["instance", "semantic"], help="write masks-KIND/*.png and their .json "
+                   "(an alias of --format masks-KIND) {config: export.masks}")
     p.add_argument("--format", action="append", metavar="FORMAT", dest="formats",
                    help="also write the pseudo-label dataset as FORMAT (repeatable; `ovlabel formats`) "
                    "{config: export.formats}")
     p.add_argument("--dataset-min-score", type=float, help="dataset.json and the formats keep annotations scoring "
                    "at least this; predictions.json keeps all {config: export.dataset_min_score}")
+    p.add_argument("--val-fraction", type=float, help="YOLO datasets: the share of images in val/, chosen by a "
+                   "hash of the image id (0: val = train) {config: export.val_fraction}")
+    p.add_argument("--copy-images", action="store_true", help="YOLO datasets: hard-link (or copy) the images into "
+                   "the dataset instead of relative symbolic links {config: export.copy_images}")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

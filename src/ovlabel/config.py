@@ -151,6 +151,8 @@ class ExportConfig(_Section):
     masks: Literal["instance", "semantic"] | None = None  # shorthand for formats: [masks-instance|semantic]
     formats: list[str] = []  # names of ovlabel.export.formats' registry (checked there, before any work)
     dataset_min_score: float = Field(default=0.0, ge=0.0, le=1.0)  # dataset.json (and formats) keep scores >= this
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)  # YOLO datasets: images in val/ (by a hash of the id)
+    copy_images: bool = False  # YOLO datasets: hard links (or copies) instead of relative symbolic links
 
     @property
     def all_formats(self) -> list[str]:

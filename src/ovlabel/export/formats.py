@@ -7,27 +7,36 @@ scoring at least ``export.dataset_min_score``). One exporter is one function reg
 
 Built in:
 
-* ``masks-instance`` — ``masks/<id>_<name>.png``, 16-bit, one value per annotation of the image (1..n by
-  descending score, 0 = background; where instances overlap the pixel holds the higher-scoring one),
-  and ``masks/<id>_<name>.json`` mapping each value to its annotation id, category id and name, score,
-  and the file that holds its mask whole (``complete_in``, relative to ``masks/``): an instance partly
-  hidden by better ones is also written in ``layers/<id>_<name>.layer<i>.png``, where no two instances
-  overlap — nothing is lost;
-* ``masks-semantic`` — the same files with pixel value = category id (1..65,535; 0 = background), the
-  best-scoring annotation winning overlaps; the JSON maps each value to its category name;
+Each format writes its own folder, named after it, so no two formats share a file.
+
+* ``masks-instance`` — ``masks-instance/<id>_<name>.png``, 16-bit, one value per annotation of the image
+  (1..n by descending score, 0 = background; where instances overlap the pixel holds the higher-scoring
+  one), and ``masks-instance/<id>_<name>.json`` mapping each value to its annotation id, category id and
+  name, score, and the file that holds its mask whole (``complete_in``, relative to the folder): an
+  instance partly hidden by better ones is also written in ``layers/<id>_<name>.layer<i>.png``, where no two
+  instances overlap — nothing is lost;
+* ``masks-semantic`` — ``masks-semantic/``: the same files with pixel value = category id (1..65,535;
+  0 = background), the best-scoring annotation winning overlaps; the JSON maps each value to its category;
 * ``yolo-seg`` / ``yolo-det`` — an Ultralytics YOLO dataset in ``yolo-seg/`` or ``yolo-det/``:
-  ``images/<file name>`` (symbolic links to the images), ``labels/<file name>.txt`` (one line per
-  annotation: class index, then the polygon of its mask — the outer boundary of its largest part — or its
-  box centre and size, normalised to [0, 1]; an empty file for an image without labels), ``data.yaml``
-  (``path``, ``train``/``val`` = ``images``, ``names``: class index → category name) and
-  ``categories.json`` (class index → COCO category id, since YOLO classes are 0..C-1).
+  ``images/{train,val}/<file name>`` (relative symbolic links to the images, or hard links / copies with
+  ``export.copy_images``), ``labels/{train,val}/<file name>.txt`` (one line per annotation: class index,
+  then the polygon of its mask — the outer boundary of its largest part — or its box centre and size,
+  normalised to [0, 1]; an empty file for an image without labels), ``data.yaml`` (``train``/``val`` and
+  ``names``: class index → category name; no ``path``, so Ultralytics reads the dataset where
+  ``data.yaml`` is and the folder can move), ``categories.json`` (class index → COCO category id, since
+  YOLO classes are 0..C-1) and ``images.json`` (image id → its file in the dataset and its split). The
+  split is deterministic: an image is in ``val`` when a hash of its id falls below
+  ``export.val_fraction`` (at least one image when the fraction is above 0). Images whose names differ
+  only by extension (``x.png``, ``x.jpg``) get distinct names (``x_<id>.png``), so no label file is shared.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +61,7 @@ class ExportContext:
     dataset: dict
     out_dir: Path
     image_paths: dict[int, Path] = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # the run's ``export`` section (val_fraction, copy_images, …)
 
     def annotations_by_image(self) -> dict[int, list[dict]]:
         out: dict[int, list[dict]] = {img["id"]: [] for img in self.dataset["images"]}
@@ -82,14 +92,15 @@ def check_formats(formats: list[str]) -> None:
 
 
 def export(formats: list[str], dataset_path: str | Path, out_dir: str | Path,
-           image_paths: dict[int, Path] | None = None) -> dict[str, dict]:
-    """Write each of ``formats`` from ``dataset_path`` (a ``dataset.json``) into ``out_dir``."""
+           image_paths: dict[int, Path] | None = None, options: dict | None = None) -> dict[str, dict]:
+    """Write each of ``formats`` from ``dataset_path`` (a ``dataset.json``) into ``out_dir``; ``options``:
+    the ``export`` section."""
     check_formats(formats)
     if not formats:
         return {}
     with open(dataset_path, encoding="utf-8") as f:
         dataset = json.load(f)
-    ctx = ExportContext(dataset, Path(out_dir), dict(image_paths or {}))
+    ctx = ExportContext(dataset, Path(out_dir), dict(image_paths or {}), dict(options or {}))
     return {name: EXPORTERS[name](ctx) for name in formats}
 
 
@@ -104,7 +115,7 @@ def write_dataset(record_paths, out_dir: str | Path, categories, *, export_cfg: 
     out_dir = Path(out_dir)
     merged = finalize(record_paths, out_dir, categories, gt=gt, segmentation=export_cfg.get("segmentation", "rle"),
                       info=info, dataset_min_score=float(export_cfg.get("dataset_min_score") or 0.0))
-    merged["formats"] = export(formats_of(export_cfg), out_dir / DATASET, out_dir, image_paths)
+    merged["formats"] = export(formats_of(export_cfg), out_dir / DATASET, out_dir, image_paths, export_cfg)
     return merged
 
 
@@ -148,7 +159,7 @@ def _masks(ctx: ExportContext, kind: str) -> dict:
     cats = {c["id"]: c["name"] for c in ctx.dataset["categories"]}
     if kind == "semantic":
         check_png_category_ids(cats)
-    folder = ctx.out_dir / "masks"
+    folder = ctx.out_dir / f"masks-{kind}"
     by_image = ctx.annotations_by_image()
     n = 0
     for img in ctx.dataset["images"]:
@@ -201,7 +212,7 @@ def _masks(ctx: ExportContext, kind: str) -> dict:
         fsync_dir(folder)
         if (folder / "layers").is_dir():
             fsync_dir(folder / "layers")
-    return {"folder": "masks", "images": n}
+    return {"folder": folder.name, "images": n}
 
 
 @register_exporter("masks-instance")
@@ -212,6 +223,81 @@ def masks_instance(ctx: ExportContext) -> dict:
 @register_exporter("masks-semantic")
 def masks_semantic(ctx: ExportContext) -> dict:
     return _masks(ctx, "semantic")
+
+
+def in_val(image_id: int, fraction: float) -> bool:
+    """Whether image ``image_id`` is in the validation split: a hash of the id, uniform in [0, 1), below
+    ``fraction`` (the same on every machine and run)."""
+    return _unit_hash(image_id) < fraction
+
+
+def _unit_hash(image_id: int) -> float:
+    return int.from_bytes(hashlib.sha256(f"ovlabel-split:{int(image_id)}".encode()).digest()[:8], "big") / 2.0**64
+
+
+def _split(ids: list[int], fraction: float) -> set[int]:
+    """The validation image ids (at least one of two or more images when ``fraction`` > 0)."""
+    val = {i for i in ids if in_val(i, fraction)}
+    if fraction > 0 and not val and len(ids) >= 2:
+        val = {min(ids, key=_unit_hash)}
+    if len(val) == len(ids) and len(ids) >= 2:
+        val.discard(max(ids, key=_unit_hash))
+    return val
+
+
+def _dataset_names(images: list[dict]) -> dict[int, str]:
+    """Each image's file name inside a YOLO dataset (relative, as in ``dataset.json``): names whose label
+    files would coincide (``x.png`` and ``x.jpg``, which both label as ``x.txt``) get the image id added."""
+    stems: dict[str, list[int]] = {}
+    for img in images:
+        stems.setdefault(str(Path(img["file_name"]).with_suffix("")).casefold(), []).append(img["id"])
+    out = {}
+    for img in images:
+        name = Path(img["file_name"])
+        if len(stems[str(name.with_suffix("")).casefold()]) > 1:
+            name = name.with_name(f"{name.stem}_{img['id']}{name.suffix}")
+        out[img["id"]] = str(name)
+    return out
+
+
+def _place_image(source: Path, dest: Path, copy: bool) -> None:
+    """``dest`` becomes the image: a relative symbolic link (the dataset and the images can move together),
+    or with ``copy`` a hard link where the filesystem allows, else a copy (the dataset stands alone)."""
+    if dest.is_symlink() or dest.exists():
+        dest.unlink()
+    if not copy:
+        os.symlink(os.path.relpath(source, dest.parent), dest)
+        return
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)
+
+
+def _remove_previous(root: Path) -> None:
+    """Remove the images and labels a previous export of this dataset listed in its ``images.json`` (a
+    re-export may split or name them otherwise). Names read from the file are contained in the dataset."""
+    listing = root / "images.json"
+    if not listing.is_file():
+        return
+    try:
+        entries = json.loads(listing.read_text(encoding="utf-8"))
+        images = [str(e["image"]) for e in entries.values()]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        log.warning("%s is not an ovlabel image list; earlier files there are left as they are", listing)
+        return
+    for image in images:
+        parts = Path(image).parts
+        if len(parts) < 3 or parts[0] != "images":
+            continue
+        label = str(Path("labels", *parts[1:]).with_suffix(".txt"))
+        for name in (image, label):
+            try:
+                path = contained(root, name, for_writing=True)
+            except InputError:
+                continue
+            if path.is_symlink() or path.is_file():
+                path.unlink()
 
 
 def _yolo(ctx: ExportContext, task: str) -> dict:
@@ -225,22 +311,29 @@ def _yolo(ctx: ExportContext, task: str) -> dict:
     if missing:
         raise InputError(f"the YOLO export links the images, but where {missing[:3]} are is not known; give the "
                          "images folder (--images)")
+    fraction = float(ctx.options.get("val_fraction") or 0.0)
+    copy = bool(ctx.options.get("copy_images"))
+    _remove_previous(root)
+    names = _dataset_names(ctx.dataset["images"])
+    val = _split([img["id"] for img in ctx.dataset["images"]], fraction)
     n_labels = 0
     skipped: list[dict] = []
+    placed: dict[str, dict] = {}
     for img in ctx.dataset["images"]:
         H, W = int(img["height"]), int(img["width"])
+        split = "val" if img["id"] in val else "train"
         try:  # a name read from dataset.json never leads a link, unlink or write outside this dataset
-            link = contained(root / "images", img["file_name"], for_writing=True)
-            label = contained(root / "labels", str(Path(img["file_name"]).with_suffix(".txt")), for_writing=True)
+            link = contained(root / "images" / split, names[img["id"]], for_writing=True)
+            label = contained(root / "labels" / split, str(Path(names[img["id"]]).with_suffix(".txt")),
+                              for_writing=True)
         except InputError as e:
             log.warning("yolo-%s: image %s left out: %s", task, img["id"], e)
             skipped.append({"image_id": img["id"], "file_name": img["file_name"], "error": str(e)})
             continue
         link.parent.mkdir(parents=True, exist_ok=True)
-        target = Path(os.path.abspath(ctx.image_paths[img["id"]]))
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        os.symlink(target, link)
+        _place_image(Path(os.path.abspath(ctx.image_paths[img["id"]])), link, copy)
+        placed[str(img["id"])] = {"file_name": img["file_name"], "image": link.relative_to(root).as_posix(),
+                                  "split": split}
         lines = []
         for a in sorted(by_image.get(img["id"], []), key=lambda a: a["id"]):
             cls = index[a["category_id"]]
@@ -256,14 +349,22 @@ def _yolo(ctx: ExportContext, task: str) -> dict:
             lines.append(f"{cls} " + " ".join(f"{v:.6f}" for v in np.clip(xy, 0, 1).reshape(-1)))
         n_labels += len(lines)
         write_text(label, "".join(line + "\n" for line in lines), durable=False)
+    splits = {s: sum(p["split"] == s for p in placed.values()) for s in ("train", "val")}
     for sub in ("images", "labels"):
-        fsync_dir(root / sub)
-    names = {i: c["name"] for i, c in enumerate(cats)}
-    write_text(root / "data.yaml", yaml.safe_dump({"path": str(root.absolute()), "train": "images", "val": "images",
-                                                   "names": names}, sort_keys=False, allow_unicode=True))
+        for split in ("train", "val"):
+            (root / sub / split).mkdir(parents=True, exist_ok=True)
+            fsync_dir(root / sub / split)
+    data = {"train": "images/train", "val": "images/val" if splits["val"] else "images/train",
+            "nc": len(cats), "names": {i: c["name"] for i, c in enumerate(cats)}}
+    head = ("# ovlabel pseudo-labels (Ultralytics YOLO). No 'path': Ultralytics reads the dataset from this "
+            "file's folder,\n# so the folder can be moved. Split: val_fraction "
+            f"{fraction} by a hash of the image id ({splits['train']} train, {splits['val']} val).\n")
+    write_text(root / "data.yaml", head + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     write_json(root / "categories.json", {str(i): {"category_id": c["id"], "name": c["name"]}
                                           for i, c in enumerate(cats)}, indent=1)
-    summary = {"folder": root.name, "images": len(ctx.dataset["images"]) - len(skipped), "labels": n_labels}
+    write_json(root / "images.json", placed, indent=1)
+    summary = {"folder": root.name, "images": len(placed), "labels": n_labels, "train": splits["train"],
+               "val": splits["val"], "val_fraction": fraction, "images_as": "copies" if copy else "links"}
     if skipped:
         summary["skipped"] = skipped
     return summary

@@ -37,7 +37,7 @@ from ..common.categories import Categories, load_categories
 from ..common.files import ensure_writable_dir, output_stem, remove_stale_temps, sha256_file, write_yaml
 from ..errors import InputError, OutputError
 from ..export.coco import check_png_category_ids, load_coco
-from ..export.formats import check_formats, write_dataset
+from ..export.formats import EXPORTERS, check_formats, write_dataset
 from ..export.records import DATASET, PREDICTIONS, merged_records
 from . import manifest as run_manifest
 from .images import ImageItem, coco_inputs, collect_inputs, input_root
@@ -46,7 +46,6 @@ if TYPE_CHECKING:  # this module stays torch-free: `ovlabel merge` and decode wo
     from .queries import QuerySet
 
 log = logging.getLogger(__name__)
-DATASET_FORMAT_DIRS = ("masks", "yolo-seg", "yolo-det")  # written by the formats at finish: stale temps removed
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -236,12 +235,12 @@ def plan_run(pipe: Any, inputs: Sequence[str | Path] = (), out_dir: str | Path =
     done = done_ids(layout.records, retry_failed) if resume else set()
     todo = [b for b in batches if not all(it.id in done for it in b)]
     names = {f"{stem(it)}{ext}" for b in batches for it in b for ext in (".npz", ".jpg", ".png", ".json")}
-    for sub in (layout.heatmaps, layout.overlays, layout.out_dir / "masks"):  # a killed attempt's temporary files
+    for sub in (layout.heatmaps, layout.overlays):  # a killed attempt's temporary files
         remove_stale_temps(sub, names)
     remove_stale_temps(layout.out_dir, {layout.run_yaml.name, layout.predictions.name, layout.dataset.name}
                        if count == 1 else {layout.run_yaml.name})
-    if count == 1:  # the dataset formats, written by this run's finish only
-        for sub in DATASET_FORMAT_DIRS:
+    if count == 1:  # the dataset formats (each in the folder named after it), written by this run's finish only
+        for sub in EXPORTERS:
             remove_stale_temps(layout.out_dir / sub, recursive=True)
     meta = provenance(pipe, qs, started, command, shard, inputs, coco_gt, images_dir)
     meta["image_root"] = stored["inputs"].get("image_root")
