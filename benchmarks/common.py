@@ -50,3 +50,15 @@ def run_isolated(script: str, spec: dict) -> dict:
     if res.returncode != 0:
         raise RuntimeError(f"worker failed for {spec}:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def in_folder(out: str | None, prefix: str, fn) -> None:
+    """``fn(folder)`` in ``out`` (kept), or in a temporary folder removed afterwards."""
+    import tempfile
+    from pathlib import Path
+
+    if out:
+        fn(Path(out))
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        fn(Path(tmp))

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import in_folder
 
 EXPLAINERS = [
     ("legrad", -3, "legrad (last 3, preset)"),
@@ -79,11 +79,7 @@ def main(argv=None) -> None:
     p.add_argument("--skip-explainers", action="store_true", help="only the preset explainer (faster)")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    if args.out:
-        report(args, Path(args.out))
-    else:
-        with tempfile.TemporaryDirectory(prefix="shapes-quality-") as tmp:
-            report(args, Path(tmp))
+    in_folder(args.out, "shapes-quality-", lambda folder: report(args, folder))
 
 
 def report(args: argparse.Namespace, root: Path) -> None:

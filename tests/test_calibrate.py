@@ -16,6 +16,8 @@ from ovlabel.cli import main
 from ovlabel.config import load_config
 from ovlabel.datasets.shapes import write_coco
 from ovlabel.evaluation.coco import evaluate
+from ovlabel.evaluation.dataset import dataset_quality
+from ovlabel.export.coco import load_coco
 from ovlabel.pipeline import Pipeline
 
 
@@ -72,6 +74,9 @@ def test_calibrate_writes_an_overlay_that_reproduces_its_choice(labelled, tmp_pa
     text = out.read_text()
     assert text.startswith("# ovlabel calibrate: segm-ap on 14 labelled images")
     record = yaml.safe_load(text)["calibration"]
+    # the overlay holds what the labels depend on, not the run's own switches (export.heatmaps, run.progress)
+    overlay = yaml.safe_load(text)
+    assert "run" not in overlay and "export" not in overlay and overlay["model"] == {"name": "ovlabel-shapes"}
     assert len(record["folds"]) == 2 and sum(f["images"] for f in record["folds"]) == 14
     assert record["all_images"]["tuned"] >= record["all_images"]["start"]  # the search never takes a worse step
     assert record["searched"]["refine"] == ["none", "pamr", "superpixels"]  # the run recorded its images
@@ -81,6 +86,27 @@ def test_calibrate_writes_an_overlay_that_reproduces_its_choice(labelled, tmp_pa
     ov = {"postprocess": cfg.postprocess.model_dump()}
     stats = _postprocess_ap(root, gt, ov, "pp-calibrated")
     assert stats["AP"] == pytest.approx(record["all_images"]["tuned"], abs=1e-12)
+
+
+def test_calibrate_for_the_dataset_scores_what_postprocess_writes(labelled, tmp_path, capsys):
+    root, gt = labelled
+    out = tmp_path / "dataset.yaml"
+    assert main(["calibrate", "--heatmaps", str(root / "run" / "heatmaps"), "--coco-gt", str(gt), "--out", str(out),
+                 "--folds", "2", "--metric", "dataset-f1"]) == 0
+    assert "dataset_min_score" in capsys.readouterr().out
+    overlay = yaml.safe_load(out.read_text())
+    record = overlay["calibration"]
+    assert record["metric"] == "dataset-f1" and record["searched"]["dataset_min_score"]
+    assert overlay["export"] == {"dataset_min_score": record["chosen"]["dataset_min_score"]}  # only what it tuned
+    assert record["all_images"]["tuned"] >= record["all_images"]["start"]
+    # the overlay applied by `ovlabel postprocess` writes the dataset whose F1 the calibrator reported
+    cfg = load_config(out)
+    overrides = {"postprocess": cfg.postprocess.model_dump(), "export.dataset_min_score": cfg.export.dataset_min_score}
+    pp = tmp_path / "pp"
+    postprocess_heatmaps(root / "run" / "heatmaps", pp, overrides=overrides, gt=gt, images=root / "data" / "images")
+    data = json.loads((pp / "dataset.json").read_text())
+    q = dataset_quality(load_coco(gt), data["annotations"])
+    assert q.f1 == pytest.approx(record["all_images"]["tuned"], abs=1e-12) and q.true_positives > 0
 
 
 def test_calibrate_refuses_bad_input(labelled, tmp_path):

@@ -177,9 +177,45 @@ def test_empty_predictions_and_empty_ground_truth(tmp_path, gt):
     w.write({"id": 1, "file_name": "a.png", "width": 8, "height": 8}, Detections.empty(8, 8))
     w.close()
     summary = finalize([tmp_path / "r.jsonl"], tmp_path / "o", Categories.from_names(["x"]))
-    assert summary == {"images": 1, "annotations": 0, "failures": []}
+    assert summary == {"images": 1, "annotations": 0, "failures": [], "near_zero_annotations": 0,
+                       "cross_class_duplicates": 0}
     assert json.loads((tmp_path / "o" / "predictions.json").read_text()) == []
     assert json.loads((tmp_path / "o" / "dataset.json").read_text())["annotations"] == []
+
+
+def test_dataset_keeps_one_class_per_mask_and_warns_of_near_zero_scores(tmp_path, caplog):
+    masks = np.zeros((4, 12, 12), bool)
+    masks[0, 1:6, 1:6] = True  # an object labelled "a" (best) ...
+    masks[1, 1:6, 1:7] = True  # ... and again as "b": IoU 25/30, a cross-class duplicate
+    masks[2, 2:5, 2:5] = True  # "a" again inside it: same class (the post-processor's NMS decides those)
+    masks[3, 7:11, 7:11] = True  # another object, "b"
+    w = RecordWriter(tmp_path / "r.jsonl")
+    w.write({"id": 1, "file_name": "a.png", "width": 12, "height": 12},
+            Detections(masks, [0.9, 0.8, 0.5, 0.7], [1, 2, 1, 2], ("a", "b", "a", "b")))
+    w.close()
+    cats = Categories.from_names(["a", "b"])
+    summary = finalize([tmp_path / "r.jsonl"], tmp_path / "o", cats, dataset_class_iou=0.5)
+    data = json.loads((tmp_path / "o" / "dataset.json").read_text())
+    assert sorted((a["category_id"], a["score"]) for a in data["annotations"]) == [(1, 0.5), (1, 0.9), (2, 0.7)]
+    assert summary["cross_class_duplicates"] == 1
+    assert len(json.loads((tmp_path / "o" / "predictions.json").read_text())) == 4  # AP keeps everything
+    # above the IoU, both stay; off, both stay
+    for iou in (0.9, None):
+        finalize([tmp_path / "r.jsonl"], tmp_path / "o2", cats, dataset_class_iou=iou)
+        assert len(json.loads((tmp_path / "o2" / "dataset.json").read_text())["annotations"]) == 4
+    # a dataset of mostly near-zero scores is kept as asked, with a warning that says what to do
+    w = RecordWriter(tmp_path / "z.jsonl")
+    for i in range(12):
+        w.write({"id": i + 1, "file_name": f"{i}.png", "width": 12, "height": 12},
+                Detections(masks[3:], [0.001], [1], ("a",)))
+    w.close()
+    with caplog.at_level("WARNING", logger="ovlabel"):
+        summary = finalize([tmp_path / "z.jsonl"], tmp_path / "o3", cats)
+    assert summary["near_zero_annotations"] == 12 and "--dataset-min-score" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ovlabel"):
+        finalize([tmp_path / "z.jsonl"], tmp_path / "o4", cats, dataset_min_score=0.05)
+    assert "--dataset-min-score" not in caplog.text
 
 
 def test_heatmap_cache_round_trip_and_errors(tmp_path):

@@ -17,7 +17,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from ovlabel.cli import main
-from ovlabel.errors import InputError
+from ovlabel.config import load_config, register_model_preset
+from ovlabel.errors import ConfigError, InputError
+from ovlabel.pipeline.runner import Pipeline
 from test_coco import check_invariants
 from test_pipeline import BASE, label, scenes
 
@@ -164,9 +166,67 @@ def test_postprocess_follows_the_run_it_reads(tmp_path, capsys):
 def test_shipped_model_by_name_alone(tmp_path, capsys):
     src = scenes(tmp_path / "in", 2)
     label([str(src), "--out", str(tmp_path / "out"), "--model", "ovlabel-shapes", "--queries", "red circle",
-           "--size", "64", "--workers", "0", "--no-progress"], capsys)
+           "--no-progress"], capsys)
     run = yaml.safe_load((tmp_path / "out" / "run.yaml").read_text())
     assert run["model"]["pretrained"] == "shipped" and run["model"]["sha256"]
+    # the model brought its preset (the flags still win) and the config records the weights actually used
+    assert run["model_preset"] == "shapes" and run["config"]["model"]["pretrained"] == "shipped"
+    shapes = load_config("shapes")
+    assert run["config"]["explainer"] == shapes.explainer.model_dump()
+    assert run["config"]["postprocess"] == shapes.postprocess.model_dump()
+    assert run["config"]["run"]["workers"] == 0 and run["config"]["preprocess"]["size"] == 64
+
+
+def test_a_model_brings_its_preset_under_the_users_config(tmp_path, capsys):
+    shapes, default = load_config("shapes"), load_config(None)
+    assert default.model_preset is None and shapes.model_preset is None  # shapes extends itself: nothing added
+    alone = load_config(None, [("model.name", "ovlabel-shapes")])
+    assert alone.model_preset == "shapes"
+    assert alone.model_dump() == shapes.model_dump()
+    # a user's config file goes above the preset, and --set above both
+    user = tmp_path / "mine.yaml"
+    user.write_text("model: {name: ovlabel-shapes}\npostprocess: {presence_threshold: 0.2}\n")
+    mine = load_config(str(user), ["preprocess.size=96"])
+    assert mine.model_preset == "shapes" and mine.postprocess.presence_threshold == 0.2
+    assert mine.preprocess.size == 96 and mine.explainer.layers == shapes.explainer.layers
+    assert mine.postprocess.refine == shapes.postprocess.refine
+    # a preset extending default keeps its own keys above the model's: pseudo-masks' settings win
+    pseudo = load_config("pseudo-masks", [("model.name", "ovlabel-shapes")])
+    assert pseudo.model_preset == "shapes" and pseudo.postprocess.presence_threshold == 0.3
+    assert pseudo.preprocess.size == 64 and pseudo.export.dataset_min_score == 0.15
+    # SigLIP models bring the siglip preset; other models bring none
+    siglip = load_config(None, [("model.name", "ViT-B-16-SigLIP-256")])
+    assert siglip.model_preset == "siglip" and siglip.postprocess.presence == "sigmoid"
+    assert siglip.model.name == "ViT-B-16-SigLIP-256" and siglip.explainer.empty_prompt
+    assert load_config(None, [("model.name", "ViT-L-14")]).model_preset is None
+    # a complete config read back (run.yaml) is taken as it is
+    dumped = alone.model_dump()
+    dumped["preprocess"]["size"] = 128
+    assert load_config(dumped, model_preset=False).preprocess.size == 128
+    # the Python API: keyword overrides and whole sections, the preset under them
+    pipe = Pipeline.from_config(model__name="ovlabel-shapes", postprocess={"threshold": {"value": 0.5}})
+    assert pipe.cfg.model_preset == "shapes" and pipe.cfg.postprocess.threshold.value == 0.5
+    assert pipe.cfg.postprocess.threshold.method == shapes.postprocess.threshold.method  # merged, not replaced
+    # a registered model brings the preset registered for it; config show says so
+    register_model_preset("my-shapes-*", "shapes")
+    try:
+        assert load_config(None, [("model.name", "my-shapes-v2")]).preprocess.size == 64
+        assert main(["config", "show", "--set", "model.name=my-shapes-v2"]) == 0
+        out = capsys.readouterr().out
+        assert "its preset 'shapes' applies" in out and yaml.safe_load(out)["preprocess"]["size"] == 64
+    finally:
+        import ovlabel.config
+
+        ovlabel.config._registered_presets.clear()
+    with pytest.raises(ConfigError, match="does not exist"):
+        register_model_preset("x*", tmp_path / "missing.yaml")
+
+
+def test_config_extends_loops_are_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(str(tmp_path / "a.yaml"))
 
 
 # ------------------------------------------------------------------------ 6. offline fails fast
@@ -345,7 +405,9 @@ def test_python_api_names_and_supervision_round_trip(tmp_path, capsys):
     assert "XYWH" in ovlabel.Detections.__doc__ and "exclusive" in ovlabel.Detections.__doc__
     src = scenes(tmp_path / "in", 3)
     out = tmp_path / "out"
-    label([str(src), "--out", str(out), *BASE, "-q", "x", "-q", "y"], capsys)
+    # the dataset keeps every detection here, so that both files hold the same ones
+    label([str(src), "--out", str(out), *BASE, "-q", "x", "-q", "y", "--dataset-min-score", "0", "--set",
+           "export.dataset_class_iou=null"], capsys)
     dets = ovlabel.read_results(out / "predictions.json", out / "dataset.json")
     data = json.loads((out / "dataset.json").read_text())
     assert set(dets) == {i["id"] for i in data["images"] if any(a["image_id"] == i["id"] for a in data["annotations"])}

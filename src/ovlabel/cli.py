@@ -41,10 +41,25 @@ def _cmd_formats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_config_show(args: argparse.Namespace) -> int:
-    from .config import dump_config, load_config
+def _config(source: str | None, overrides: list) -> Any:
+    """The run's config, saying so when the model brought its preset."""
+    from .config import load_config
 
-    print(dump_config(load_config(args.config, args.set)), end="")
+    cfg = load_config(source, overrides)
+    if cfg.model_preset:
+        logging.getLogger("ovlabel").info(
+            "model %s brings its preset '%s' (under --config, --set and the flags, which win)",
+            cfg.model.name, cfg.model_preset)
+    return cfg
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from .config import dump_config
+
+    cfg = _config(args.config, args.set)
+    if cfg.model_preset:
+        print(f"# model {cfg.model.name}: its preset '{cfg.model_preset}' applies under this config")
+    print(dump_config(cfg), end="")
     return 0
 
 
@@ -158,10 +173,8 @@ def _label_overrides(args: argparse.Namespace) -> list[str | tuple[str, Any]]:
 
 
 def _cmd_label(args: argparse.Namespace) -> int:
-    from .config import load_config
-
     queries = _queries(args)
-    cfg = load_config(args.config, _label_overrides(args))
+    cfg = _config(args.config, _label_overrides(args))
     shard, ray_options = args.shard, None
     if shard == "auto":
         from .pipeline.run import shard_from_environment
@@ -234,7 +247,6 @@ def _set_threads(n: int) -> None:
 
 def _cmd_export_onnx(args: argparse.Namespace) -> int:
     from .apps.export_onnx import export_onnx
-    from .config import load_config
 
     sets: list[str | tuple[str, Any]] = list(args.set)
     if args.model:
@@ -243,7 +255,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
         sets.append(("model.pretrained", args.pretrained))
     if args.layers is not None:
         sets.append(("explainer.layers", _layers(args.layers)))
-    cfg = load_config(args.config, sets)
+    cfg = _config(args.config, sets)
     if args.threads is not None:
         _set_threads(args.threads)
     layers = cfg.explainer.layers  # the config's blocks, as `label` with the same config asks for them
@@ -295,7 +307,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     c = r["chosen"]
     print(f"chosen: threshold {c['threshold'][0]} {c['threshold'][1]}, instances {c['instances']}, refine "
           f"{c['refine']}, min_area_fraction {c['min_area_fraction']}, presence_threshold {c['presence_threshold']}"
-          + (f", {len(c['class_thresholds'])} class thresholds" if c["class_thresholds"] else ""))
+          + (f", {len(c['class_thresholds'])} class thresholds" if c["class_thresholds"] else "")
+          + (f", dataset_min_score {c['dataset_min_score']}" if "dataset_min_score" in c else ""))
     print(f"{r['evaluations']} evaluations in {r['seconds']:.0f} s -> {args.out} (use it with --config)")
     return 0
 
@@ -415,8 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", required=True, help="cached heatmaps of the labelled images (a run's heatmaps/)")
     p.add_argument("--coco-gt", required=True, help="their COCO ground truth")
     p.add_argument("--out", required=True, help="the config file to write (YAML, use with --config)")
-    p.add_argument("--metric", default="segm-ap", choices=["segm-ap", "segm-ap50", "bbox-ap", "miou"],
-                   help="what to maximise")
+    p.add_argument("--metric", default="segm-ap", choices=["segm-ap", "segm-ap50", "bbox-ap", "miou", "dataset-f1"],
+                   help="what to maximise: AP or mIoU of predictions.json, or dataset-f1: F1 (mask IoU 0.5) of "
+                   "dataset.json, also tuning export.dataset_min_score")
     p.add_argument("--per-class", action="store_true", help="also a threshold per class with enough instances")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds for the held-out gain")
     p.add_argument("--config", help="the starting configuration (default: the run's, else default)")

@@ -4,6 +4,11 @@ Every section forbids unknown keys; the error names the nearest valid key. Overr
 line or Python) are dotted keys (``postprocess.threshold.method=otsu``) applied before validation.
 ``configs/*.yaml`` hold the shipped presets; a config file may ``extends:`` another one (a shipped preset
 name or a path), whose values it overrides.
+
+A model brings its preset: a shipped preset names the models it is made for (``for_models:``, shell-style
+patterns such as ``ovlabel-shapes`` or ``*SigLIP*``), and :func:`register_model_preset` adds others. When
+the configured model has a preset that the config does not already extend, the preset goes between the
+defaults and the user's config: the user's files and overrides still win (``--config``, ``--set``, flags).
 """
 
 from __future__ import annotations
@@ -11,11 +16,12 @@ from __future__ import annotations
 import difflib
 import os
 import sys
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -150,7 +156,8 @@ class ExportConfig(_Section):
     overlays: bool = False
     masks: Literal["instance", "semantic"] | None = None  # shorthand for formats: [masks-instance|semantic]
     formats: list[str] = []  # names of ovlabel.export.formats' registry (checked there, before any work)
-    dataset_min_score: float = Field(default=0.0, ge=0.0, le=1.0)  # dataset.json (and formats) keep scores >= this
+    dataset_min_score: float = Field(default=0.05, ge=0.0, le=1.0)  # dataset.json (and formats) keep scores >= this
+    dataset_class_iou: float | None = Field(default=0.5, gt=0.0, le=1.0)  # one mask, one class (null: off)
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)  # YOLO datasets: images in val/ (by a hash of the id)
     copy_images: bool = False  # YOLO datasets: hard links (or copies) instead of relative symbolic links
 
@@ -189,6 +196,12 @@ class Config(_Section):
     postprocess: PostprocessConfig = PostprocessConfig()
     export: ExportConfig = ExportConfig()
     run: RunConfig = RunConfig()
+    _model_preset: str | None = PrivateAttr(default=None)
+
+    @property
+    def model_preset(self) -> str | None:
+        """The preset the model brought (put under the user's config by :func:`load_config`), or ``None``."""
+        return self._model_preset
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -283,19 +296,90 @@ def _count_values(root: yaml.Node, source: str, error: type, limit: int) -> int:
     return size(root)
 
 
-def _read_yaml(source: str | Path) -> dict:
+MAX_EXTENDS = 16  # a chain of ``extends:`` longer than this (or a loop) is refused
+_FILE_ONLY_KEYS = ("extends", "for_models")  # keys of a config file that are not settings
+Layer = tuple[str, dict]  # (the file's resolved path, or a label; its own settings)
+
+
+def _preset_path(source: str | Path) -> Path:
     path = Path(source)
     if not path.exists() and not path.suffix and (PRESET_DIR / f"{source}.yaml").exists():
         path = PRESET_DIR / f"{source}.yaml"
+    return path
+
+
+def _read_file(source: str | Path) -> tuple[Path, dict]:
+    path = _preset_path(source)
     if not os.path.lexists(path):
         raise ConfigError(f"config file {source} does not exist; shipped presets: {', '.join(list_presets())}")
     data = parse_yaml(read_text_file(path, "config file"), f"config file {path}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
-    if data.get("extends"):
-        base = _read_yaml(_resolve_relative(data["extends"], path))
-        data = deep_merge(base, {k: v for k, v in data.items() if k != "extends"})
+    return path, data
+
+
+def _layers(source: str | Path, seen: tuple[str, ...] = ()) -> list[Layer]:
+    """A config file and the files it ``extends``, lowest first, each with only its own settings."""
+    path, data = _read_file(source)
+    key = str(path.resolve())
+    if key in seen or len(seen) >= MAX_EXTENDS:
+        raise ConfigError(f"config file {path}: its 'extends' chain loops or is longer than {MAX_EXTENDS} files")
+    own = {k: v for k, v in data.items() if k not in _FILE_ONLY_KEYS}
+    base = _layers(_resolve_relative(data["extends"], path), (*seen, key)) if data.get("extends") else []
+    return [*base, (key, own)]
+
+
+def _merged(layers: list[Layer]) -> dict:
+    data: dict = {}
+    for _, own in layers:
+        data = deep_merge(data, own)
     return data
+
+
+def _read_yaml(source: str | Path) -> dict:
+    return _merged(_layers(source))
+
+
+_registered_presets: list[tuple[str, str]] = []  # (model name pattern, preset name or path), newest first
+
+
+def register_model_preset(pattern: str, preset: str | Path) -> None:
+    """Make ``preset`` (a shipped preset's name or a config file) the preset of the models whose name
+    matches ``pattern`` (``fnmatch``-style, case-sensitive); later registrations win over earlier ones and
+    over the shipped presets' ``for_models``."""
+    _read_file(preset)  # fails now, not at the first run, when the file is missing or malformed
+    _registered_presets.insert(0, (pattern, str(preset)))
+
+
+def preset_for_model(name: str) -> str | None:
+    """The preset a model brings: a registered one, else the shipped preset whose ``for_models`` matches."""
+    for pattern, preset in _registered_presets:
+        if fnmatchcase(name, pattern):
+            return preset
+    for preset in list_presets():
+        patterns = _read_file(preset)[1].get("for_models") or []
+        if any(fnmatchcase(name, str(p)) for p in (patterns if isinstance(patterns, list) else [patterns])):
+            return preset
+    return None
+
+
+def _with_model_preset(layers: list[Layer], overrides) -> tuple[list[Layer], str | None]:
+    """``layers`` with the preset of the configured model inserted above the layers the preset itself
+    builds on (the defaults) and below the user's, unless the user's config already extends it."""
+    model = apply_overrides(_merged(layers), overrides).get("model")
+    name = model.get("name") if isinstance(model, dict) else None
+    preset = preset_for_model(str(name if name is not None else ModelConfig().name))
+    if preset is None:
+        return layers, None
+    ours = {key for key, _ in layers}
+    theirs = _layers(preset)
+    if theirs[-1][0] in ours:
+        return layers, None
+    shared = {key for key, _ in theirs}
+    lead = 0
+    while lead < len(layers) and layers[lead][0] in shared:
+        lead += 1
+    return [*layers[:lead], *(layer for layer in theirs if layer[0] not in ours), *layers[lead:]], preset
 
 
 def _resolve_relative(ref: str, origin: Path) -> str | Path:
@@ -370,24 +454,34 @@ def _explain(err: ValidationError, source: str) -> ConfigError:
 
 
 def load_config(source: str | Path | dict | Config | None = None,
-                overrides: dict | list[str] | None = None) -> Config:
+                overrides: dict | list[str] | None = None, *, model_preset: bool = True) -> Config:
     """A validated :class:`Config` from a preset name, a YAML path, a dict or nothing (the default
-    preset), with dotted ``overrides`` applied on top."""
+    preset), with dotted ``overrides`` applied on top. With ``model_preset`` (and a source that is not a
+    :class:`Config`), the configured model's preset goes under the source (see the module's docstring);
+    ``False`` reads a complete config as it is (a run's ``run.yaml``)."""
+    preset = None
     if isinstance(source, Config):
         data, name = source.model_dump(), "config object"
-    elif isinstance(source, dict):
-        data, name = dict(source), "dict"
-        if data.get("extends"):
-            data = deep_merge(_read_yaml(data["extends"]), {k: v for k, v in data.items() if k != "extends"})
+        preset = source.model_preset
     else:
-        name = str(source or "default")
-        data = _read_yaml(source or "default")
+        if isinstance(source, dict):
+            name = "dict"
+            own = {k: v for k, v in source.items() if k not in _FILE_ONLY_KEYS}
+            layers = [*(_layers(source["extends"]) if source.get("extends") else []), ("<dict>", own)]
+        else:
+            name = str(source or "default")
+            layers = _layers(source or "default")
+        if model_preset:
+            layers, preset = _with_model_preset(layers, overrides)
+        data = _merged(layers)
     data = apply_overrides(data, overrides)
     data.pop("extends", None)
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as e:
         raise _explain(e, name) from None
+    cfg._model_preset = preset
+    return cfg
 
 
 def dump_config(cfg: Config) -> str:

@@ -4,9 +4,11 @@ images' cached heatmaps, with the gain that generalises measured on held-out fol
 Searched (coordinate descent, two rounds, each setting scored with pycocotools): the threshold (method and
 value), instances (components or one per class), the map refinement (when the images are at hand), the
 minimum area and the presence threshold; then, with ``per_class``, a threshold per class that has enough
-instances (others keep the global one). Cross-validation: the search runs on ``folds − 1`` folds and is
-scored on the one left out, against the starting configuration on the same images; the final settings
-come from all images.
+instances (others keep the global one). With ``metric="dataset-f1"`` the score is the F1 (mask IoU 0.5,
+:mod:`ovlabel.evaluation.dataset`) of the ``dataset.json`` the setting writes — its results scoring at least
+``export.dataset_min_score``, one class per mask — and that threshold is searched too. Cross-validation:
+the search runs on ``folds − 1`` folds and is scored on the one left out, against the starting
+configuration on the same images; the final settings come from all images.
 
 What makes it fast, without changing a result (a setting scores exactly what ``ovlabel postprocess``
 with the written config gives — the tests check it):
@@ -39,9 +41,11 @@ from ..common.categories import Categories
 from ..common.files import contained, write_text
 from ..config import Config, load_config
 from ..errors import InputError
+from ..evaluation.dataset import DatasetQuality, dataset_quality
 from ..evaluation.semantic import ClassIoU
 from ..export.coco import load_coco
 from ..export.heatmaps import check_cache_against_gt, list_heatmap_files, load_heatmaps
+from ..export.records import cross_class_duplicates
 from ..pipeline.images import ImageReadError, read_image
 from ..postprocess import ThresholdSpec
 from ..postprocess.detect import Candidate, greedy_nms
@@ -51,11 +55,13 @@ from ..postprocess.refine import RefineSpec
 from ..postprocess.rle import decode
 from ..postprocess.scoring import combine
 
-METRICS = ("segm-ap", "segm-ap50", "bbox-ap", "miou")
+METRICS = ("segm-ap", "segm-ap50", "bbox-ap", "miou", "dataset-f1")
+DATASET_METRICS = ("dataset-f1",)  # scored on dataset.json (export.dataset_min_score, one class per mask)
 THRESHOLDS = [("max_fraction", v) for v in (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85)] + \
     [("mean", None), ("otsu", None), ("quantile", 0.9), ("quantile", 0.95)]
 MIN_AREA_FRACTIONS = (0.0, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05)
 PRESENCE = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+DATASET_MIN_SCORES = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)  # searched for the dataset metrics
 SEARCHED_REFINERS = ("none", "pamr", "superpixels")  # crf: slow, and an optional extra
 MAP_CACHE_BYTES = 2 << 30  # normalised/refined maps kept in memory (beyond it they are recomputed)
 
@@ -94,6 +100,7 @@ class Setting:
     min_area_fraction: float
     presence_threshold: float
     class_thresholds: dict[str, tuple[str, float | None]] = field(default_factory=dict)
+    dataset_min_score: float | None = None  # searched for the dataset metrics (export.dataset_min_score)
 
     def key(self, name: str | None = None) -> tuple:
         thr = self.class_thresholds.get(name, self.threshold) if name else self.threshold
@@ -101,7 +108,7 @@ class Setting:
 
     def frozen(self) -> tuple:
         return (self.threshold, self.instances, self.refine, self.min_area_fraction, self.presence_threshold,
-                tuple(sorted(self.class_thresholds.items())))
+                tuple(sorted(self.class_thresholds.items())), self.dataset_min_score)
 
 
 class Calibrator:
@@ -113,7 +120,7 @@ class Calibrator:
         if config is not None:
             self.base = config if isinstance(config, Config) else load_config(config)
         elif run.get("config"):
-            self.base = load_config(dict(run["config"]))
+            self.base = load_config(dict(run["config"]), model_preset=False)
         else:
             self.base = load_config(None)
         self.gt = load_coco(gt)
@@ -144,7 +151,7 @@ class Calibrator:
         self._unions: dict[tuple, tuple[dict, int, float]] = {}
         self._eval = None
         self._gt_pairs = {(a["image_id"], a["category_id"]) for a in self.gt.dataset["annotations"]}
-        self._all_masks = metric == "miou" or self.base.postprocess.nms is not None
+        self._all_masks = metric in ("miou", *DATASET_METRICS) or self.base.postprocess.nms is not None
         self._scores: dict[tuple, float] = {}
         self.evaluations = 0
 
@@ -299,8 +306,29 @@ class Calibrator:
         if memo not in self._scores:
             self.evaluations += 1
             res = self.results(s, ids)
-            self._scores[memo] = self._miou(res, ids) if self.metric == "miou" else self._ap(res, ids, category)
+            if self.metric == "miou":
+                self._scores[memo] = self._miou(res, ids)
+            elif self.metric in DATASET_METRICS:
+                self._scores[memo] = self.dataset_quality(s, res, ids, category).f1
+            else:
+                self._scores[memo] = self._ap(res, ids, category)
         return self._scores[memo]
+
+    def dataset_quality(self, s: Setting, res: list[dict], ids: list[int],
+                        category: int | None = None) -> DatasetQuality:
+        """Precision and recall (mask IoU 0.5) of the ``dataset.json`` that ``res`` gives: the results
+        scoring at least the setting's dataset threshold, one class per mask (``export.dataset_class_iou``)."""
+        by: dict[int, list[dict]] = defaultdict(list)
+        for r in res:
+            by[r["image_id"]].append(r)
+        min_score = s.dataset_min_score if s.dataset_min_score is not None else self.base.export.dataset_min_score
+        kept = []
+        for group in by.values():
+            dropped = cross_class_duplicates(group, min_score, self.base.export.dataset_class_iou)
+            kept += [r for i, r in enumerate(group) if i not in dropped and r["score"] >= min_score]
+        if category is not None:
+            kept = [r for r in kept if r["category_id"] == category]
+        return dataset_quality(self.gt, kept, image_ids=ids, category_ids=None if category is None else [category])
 
     def _ap(self, res: list[dict], ids: list[int], category: int | None) -> float:
         if not res:
@@ -341,7 +369,8 @@ class Calibrator:
         return Setting((pp.threshold.method, pp.threshold.value), pp.instances,
                        pp.refine.method if pp.refine.method in self.refiners else "none", pp.min_area_fraction,
                        pp.presence_threshold,
-                       {k: (v.method, v.value) for k, v in pp.class_thresholds.items()})
+                       {k: (v.method, v.value) for k, v in pp.class_thresholds.items()},
+                       self.base.export.dataset_min_score if self.metric in DATASET_METRICS else None)
 
     def search(self, ids: list[int], per_class: bool) -> tuple[Setting, float]:
         best = self.start()
@@ -349,6 +378,8 @@ class Calibrator:
         value = self.score(best, ids)
         grids = [("threshold", THRESHOLDS), ("instances", ("components", "class")), ("refine", self.refiners),
                  ("min_area_fraction", MIN_AREA_FRACTIONS), ("presence_threshold", PRESENCE)]
+        if self.metric in DATASET_METRICS:
+            grids.append(("dataset_min_score", DATASET_MIN_SCORES))
         for _ in range(2):
             changed = False
             for name, grid in grids:
@@ -412,10 +443,12 @@ def calibrate(heatmap_dir: str | Path, gt: str | Path, out: str | Path, *, metri
         "all_images": {"start": cal.score(start, ids), "tuned": value},
         "chosen": {"threshold": list(final.threshold), "instances": final.instances, "refine": final.refine,
                    "min_area_fraction": final.min_area_fraction, "presence_threshold": final.presence_threshold,
-                   "class_thresholds": {k: list(v) for k, v in final.class_thresholds.items()}},
+                   "class_thresholds": {k: list(v) for k, v in final.class_thresholds.items()},
+                   **({"dataset_min_score": final.dataset_min_score} if final.dataset_min_score is not None else {})},
         "searched": {"thresholds": [list(t) for t in THRESHOLDS], "instances": ["components", "class"],
                      "refine": list(cal.refiners), "min_area_fraction": list(MIN_AREA_FRACTIONS),
-                     "presence_threshold": list(PRESENCE), "per_class": per_class, "min_instances": min_instances},
+                     "presence_threshold": list(PRESENCE), "per_class": per_class, "min_instances": min_instances,
+                     **({"dataset_min_score": list(DATASET_MIN_SCORES)} if metric in DATASET_METRICS else {})},
         "heatmaps": str(Path(heatmap_dir).absolute()), "ground_truth": str(Path(gt).absolute()),
         "evaluations": cal.evaluations, "seconds": round(time.perf_counter() - t0, 1),
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -426,8 +459,14 @@ def calibrate(heatmap_dir: str | Path, gt: str | Path, out: str | Path, *, metri
     return record
 
 
+LABEL_SECTIONS = ("model", "explainer", "preprocess", "queries", "postprocess")  # what the labels depend on
+
+
 def apply(base: Config, s: Setting) -> dict:
-    """The base configuration with the setting ``s``, as a dict of what differs from the defaults."""
+    """The overlay of the setting ``s``: the searched settings, and those of the base configuration that
+    the labels depend on (the maps were made and the search scored with them) where they differ from what
+    the model alone gives (the defaults and the model's preset, which loading the overlay puts under it).
+    Nothing of ``export`` (but the tuned dataset threshold) or ``run``: those are the run's, not the labels'."""
     data = base.model_dump(exclude={"extends", "calibration"})
     pp = data["postprocess"]
     pp["threshold"] = {"method": s.threshold[0], "value": s.threshold[1]}
@@ -436,7 +475,13 @@ def apply(base: Config, s: Setting) -> dict:
     pp["min_area_fraction"] = s.min_area_fraction
     pp["presence_threshold"] = s.presence_threshold
     pp["class_thresholds"] = {k: {"method": m, "value": v} for k, (m, v) in s.class_thresholds.items()}
-    return _diff(data, Config().model_dump(exclude={"extends", "calibration"}))
+    reference = load_config(None, [("model.name", base.model.name)]).model_dump(exclude={"extends", "calibration"})
+    out = _diff({k: data[k] for k in LABEL_SECTIONS}, reference)
+    out["model"] = {"name": base.model.name, **out.get("model", {})}  # the model names its preset: always said
+    out = {k: out[k] for k in LABEL_SECTIONS if k in out}
+    if s.dataset_min_score is not None:
+        out["export"] = {"dataset_min_score": s.dataset_min_score}
+    return out
 
 
 def _diff(a: dict, b: dict) -> dict:

@@ -94,7 +94,7 @@ def postprocess_heatmaps(
     if config is not None:
         cfg = load_config(config, overrides)
     elif run.get("config"):
-        cfg = load_config(dict(run["config"]), overrides)
+        cfg = load_config(dict(run["config"]), overrides, model_preset=False)
         log.info("configuration of %s, with the given overrides", run_yaml)
     else:
         cfg = load_config(None, overrides)

@@ -114,7 +114,8 @@ def write_dataset(record_paths, out_dir: str | Path, categories, *, export_cfg: 
         info["image_root"] = str(image_root)
     out_dir = Path(out_dir)
     merged = finalize(record_paths, out_dir, categories, gt=gt, segmentation=export_cfg.get("segmentation", "rle"),
-                      info=info, dataset_min_score=float(export_cfg.get("dataset_min_score") or 0.0))
+                      info=info, dataset_min_score=float(export_cfg.get("dataset_min_score") or 0.0),
+                      dataset_class_iou=export_cfg.get("dataset_class_iou"))
     merged["formats"] = export(formats_of(export_cfg), out_dir / DATASET, out_dir, image_paths, export_cfg)
     return merged
 

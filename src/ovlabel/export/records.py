@@ -22,10 +22,12 @@ This module does not import torch (decode and write workers of a distributed eng
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
@@ -43,6 +45,8 @@ from ..common.files import (
 from ..errors import CocoFormatError
 from ..postprocess.detections import Detections
 from .coco import check_results, coco_from_dict, detections_to_results, quiet, segmentation_for_dataset
+
+log = logging.getLogger(__name__)
 
 VALIDATE_CHUNK = 2000
 PREDICTIONS = "predictions.json"  # every detection, for evaluation
@@ -161,10 +165,13 @@ def finalize(
     segmentation: str = "rle",
     info: dict | None = None,
     dataset_min_score: float = 0.0,
+    dataset_class_iou: float | None = None,
 ) -> dict:
     """Merge records into ``out_dir/predictions.json`` (every detection, for evaluation) and
     ``out_dir/dataset.json`` (the pseudo-labels: detections scoring at least ``dataset_min_score``, the
-    score kept as an annotation field). Returns counts and the failures (image and reason)."""
+    score kept as an annotation field; with ``dataset_class_iou``, an annotation whose mask overlaps a
+    better-scoring one of another class at that IoU or more is left out: one mask, one class). Returns
+    counts and the failures (image and reason); warns when the dataset keeps many near-zero scores."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = merged_records(record_paths)
@@ -180,7 +187,7 @@ def finalize(
 
     head = json_text({"info": info or {"description": "ovlabel pseudo-labels"}, "licenses": [],
                       "images": images, "categories": categories.to_coco()})
-    n_ann = 0
+    n_ann = n_low = n_cross = 0
     chunk: list[dict] = []
     with atomic_write(out_dir / PREDICTIONS, "w", encoding="utf-8") as pf, \
             atomic_write(out_dir / DATASET, "w", encoding="utf-8") as df:
@@ -189,7 +196,9 @@ def finalize(
         for rec in ok:
             image = rec["image"]
             h, w = int(image["height"]), int(image["width"])
-            for r in rec["results"]:
+            dropped = cross_class_duplicates(rec["results"], dataset_min_score, dataset_class_iou)
+            n_cross += len(dropped)
+            for index, r in enumerate(rec["results"]):
                 if r["category_id"] not in cat_ids:
                     raise CocoFormatError(f"record of image {image['id']}: category {r['category_id']} is not "
                                           "in the category list")
@@ -201,10 +210,11 @@ def finalize(
                 if (h, w) != tuple(rle["size"]):
                     raise CocoFormatError(f"image {image['id']}: mask size {rle['size']} differs from the image "
                                           f"size {[h, w]}")
-                if r["score"] < dataset_min_score:
+                if r["score"] < dataset_min_score or index in dropped:
                     continue
                 seg, decoded = segmentation_for_dataset(rle, segmentation)
                 n_ann += 1
+                n_low += r["score"] < NEAR_ZERO_SCORE
                 data.add({"id": n_ann, "image_id": image["id"], "category_id": r["category_id"],
                           "segmentation": seg, "area": int(mask_utils.area(decoded)),
                           "bbox": [float(v) for v in mask_utils.toBbox(decoded)], "iscrowd": 0,
@@ -217,7 +227,35 @@ def finalize(
         data.close()
         fault_point("finalize")  # both files written, neither renamed into place
     coco_from_dict(json.loads((out_dir / DATASET).read_text(encoding="utf-8")), DATASET)
-    return {"images": len(ok), "annotations": n_ann, "failures": failures}
+    if n_low >= 10 and n_low > NEAR_ZERO_SHARE * n_ann:
+        log.warning("%s keeps %d annotations (of %d) scoring below %g: most are likely false positives; raise "
+                    "export.dataset_min_score (--dataset-min-score) or run ovlabel calibrate --metric dataset-f1",
+                    DATASET, n_low, n_ann, NEAR_ZERO_SCORE)
+    return {"images": len(ok), "annotations": n_ann, "failures": failures, "near_zero_annotations": n_low,
+            "cross_class_duplicates": n_cross}
+
+
+NEAR_ZERO_SCORE = 0.01  # an annotation scoring below this is "near zero" (scores are in [0, 1])
+NEAR_ZERO_SHARE = 0.25  # a dataset with more near-zero annotations than this share gets a warning
+
+
+def cross_class_duplicates(results: list[dict], min_score: float, iou: float | None) -> set[int]:
+    """Indices of the image's dataset annotations whose mask overlaps a better-scoring annotation of
+    another class with IoU ≥ ``iou`` (checked best first, against those kept)."""
+    if iou is None:
+        return set()
+    order = sorted((i for i, r in enumerate(results) if r["score"] >= min_score), key=lambda i: -results[i]["score"])
+    kept: list[int] = []
+    dropped: set[int] = set()
+    rles = {i: {"size": results[i]["segmentation"]["size"],
+                "counts": results[i]["segmentation"]["counts"].encode("ascii")} for i in order}
+    for i in order:
+        others = [j for j in kept if results[j]["category_id"] != results[i]["category_id"]]
+        if others and np.max(mask_utils.iou([rles[i]], [rles[j] for j in others], [0] * len(others))) >= iou:
+            dropped.add(i)
+        else:
+            kept.append(i)
+    return dropped
 
 
 class _JsonArray:

@@ -301,6 +301,7 @@ def provenance(pipe: Any, qs: QuerySet, started, command, shard, inputs, coco_gt
         "explainer": {"method": cfg.explainer.method, "layers": pipe.layers(),
                       "layers_setting": cfg.explainer.layers, "empty_prompt": cfg.explainer.empty_prompt},
         "queries": qs.describe(),
+        "model_preset": cfg.model_preset,
         "config": cfg.model_dump(exclude={"extends"}),
     }
 

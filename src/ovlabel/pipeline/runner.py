@@ -20,7 +20,7 @@ import torch
 
 from ..common.categories import Categories
 from ..common.files import fault_point
-from ..config import Config, deep_merge, load_config
+from ..config import Config, load_config
 from ..errors import ConfigError, ImageReadError, OutputError
 from ..export.heatmaps import save_heatmaps
 from ..export.overlays import draw_overlay, save_image_atomic
@@ -55,11 +55,29 @@ class ImageResult:
         return self.maps.full()
 
 
+def _dotted(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Keyword overrides as dotted keys: ``model__name`` → ``model.name`` (its value set as given); a whole
+    section given as a dict (``postprocess={"threshold": {"method": "otsu"}}``) is merged into the section,
+    one dotted key per leaf."""
+    def leaves(prefix: str, value: Any) -> dict[str, Any]:
+        if not (isinstance(value, dict) and value):
+            return {prefix: value}
+        return {k: v for key, sub in value.items() for k, v in leaves(f"{prefix}.{key}", sub).items()}
+
+    out: dict[str, Any] = {}
+    for k, v in overrides.items():
+        out.update(leaves(k, v) if "." not in k and "__" not in k else {k.replace("__", "."): v})
+    return out
+
+
 class Pipeline:
     """The labelling pipeline. Build it with :meth:`from_config`; call it on one image, or :meth:`run` it
     over inputs into an output folder."""
 
     def __init__(self, config: Config, *, model: LoadedModel | None = None, backend: Backend | None = None) -> None:
+        weights = default_weights(config.model.name, config.model.pretrained)
+        if model is None and weights != config.model.pretrained:  # the config records the weights used
+            config = config.model_copy(update={"model": config.model.model_copy(update={"pretrained": weights})})
         self.cfg = config
         self._model = model
         self._backend = backend
@@ -84,22 +102,7 @@ class Pipeline:
             overrides["model.backend"] = backend
         if onnx_dir is not None:
             overrides["model.onnx_dir"] = str(onnx_dir)
-        dotted = {}
-        sections = {}
-        for k, v in overrides.items():
-            if isinstance(v, dict) and "." not in k and "__" not in k:
-                sections[k] = v
-            else:
-                dotted[k.replace("__", ".")] = v
-        if isinstance(source, Config):
-            base = source.model_dump()
-        elif isinstance(source, dict):
-            base = dict(source)
-        else:
-            base = None
-        if sections:
-            base = deep_merge(base if base is not None else load_config(source).model_dump(), sections)
-        cfg = load_config(base if base is not None else source, dotted or None)
+        cfg = load_config(source, _dotted(overrides) or None)
         return cls(cfg)
 
     # ------------------------------------------------------------------------------------------ model

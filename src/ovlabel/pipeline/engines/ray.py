@@ -150,7 +150,7 @@ class Labeller:
 
         torch.set_num_threads(threads)
         cv2.setNumThreads(threads)
-        self.pipe = pipeline(load_config(config))
+        self.pipe = pipeline(load_config(config, model_preset=False))
         self.categories = pickle.loads(categories)
         qs, _, _ = self.pipe.queries(None, self.categories)
         mine = digest(self.pipe.settings(qs))
