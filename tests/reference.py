@@ -270,27 +270,29 @@ def rollout(model, images):
 
 
 def gradcam(model, images, text, layers=None):
-    """w_h = mean over the readout row of dS/dA_h; relu(mean_h w_h A_h) on the readout row, summed over the
-    selected blocks (default: the last block; pooler towers: the pooler's attention)."""
+    """w_h = mean over the readout row's patch columns of dS/dA_h (Chefer et al.'s generate_cam_attn: the
+    class token's column left out); relu(mean_h w_h A_h) on the readout row, summed over the selected blocks
+    (default: the last block; pooler towers: the pooler's attention)."""
     n = len(blocks(model))
     layers = [n - 1] if layers is None else list(layers)
     tokens, attns, P, grid = forward_explicit(model, images, grad_from=min(layers))
     emb, Ap = embedding_and_pool_attention(model, tokens)
     s = logits(model, emb, text)
     B, K = s.shape
+    npatch = grid[0] * grid[1]
     rows = torch.zeros(B, K, attns[-1].shape[-1] if Ap is None else Ap.shape[-1], dtype=torch.float64)
     for k in range(K):
         targets = [Ap] if Ap is not None else [attns[i] for i in layers]
         grads = torch.autograd.grad(s[:, k].sum(), targets, retain_graph=True)
         for b in range(B):
             if Ap is not None:
-                w = grads[0][b, :, 0].mean(-1)  # [H]
+                w = grads[0][b, :, 0, -npatch:].mean(-1)  # [H]
                 a = Ap[b, :, 0].detach()
                 rows[b, k] = (w[:, None] * a).mean(0).clamp(min=0)
                 continue
             r = readout_vector(model, grads[0].shape[-1])
             for i, g in zip(layers, grads):
-                w = (r @ g[b]).mean(-1)
+                w = (r @ g[b])[:, -npatch:].mean(-1)
                 a = r @ attns[i][b].detach()
                 rows[b, k] += (w[:, None] * a).mean(0).clamp(min=0)
     return _finish(rows, model, grid)

@@ -82,7 +82,8 @@ def test_gradcam_closed_form_equals_autograd_path(name):
     r = baselines.readout(tower, rec)[:, None, None, :]
     for sl, grads, _ in baselines.score_gradients(model, tower, rec, t, [n - 1], None):
         a = (r @ rec.attn[n - 1].detach()).squeeze(-2)
-        w = (r @ grads[n - 1]).squeeze(-2).mean(-1, keepdim=True)
+        npatch = rec.grid[0] * rec.grid[1]  # the weight averages the readout row's patch columns only
+        w = (r @ grads[n - 1]).squeeze(-2)[..., -npatch:].mean(-1, keepdim=True)
         slow = baselines.patches(tower, (w * a).mean(2).clamp(min=0), rec.grid).transpose(0, 1)
         assert torch.allclose(fast[:, sl], slow, atol=1e-12)
     assert closed.shape == (2, 3, *images.shape[-2:])

@@ -207,6 +207,9 @@ def test_a_model_brings_its_preset_under_the_users_config(tmp_path, capsys):
     pipe = Pipeline.from_config(model__name="ovlabel-shapes", postprocess={"threshold": {"value": 0.5}})
     assert pipe.cfg.model_preset == "shapes" and pipe.cfg.postprocess.threshold.value == 0.5
     assert pipe.cfg.postprocess.threshold.method == shapes.postprocess.threshold.method  # merged, not replaced
+    # without its preset (a complete config), the config still records the weights the model loads
+    bare = load_config(None, [("model.name", "ovlabel-shapes")], model_preset=False)
+    assert bare.model.pretrained == "laion2b_s34b_b88k" and Pipeline(bare).cfg.model.pretrained == "shipped"
     # a registered model brings the preset registered for it; config show says so
     register_model_preset("my-shapes-*", "shapes")
     try:

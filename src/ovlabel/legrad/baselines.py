@@ -214,8 +214,10 @@ def _scatter(out: Tensor | None, rows: Tensor, sl: slice, K: int, tower: Tower, 
 
 def gradcam(model, tower: Tower, images: Tensor, text: Tensor, layers: list[int],
             chunk_size: int | None) -> Tensor:
-    """Grad-CAM on attention: per head, the weight is the score's gradient w.r.t. the attention averaged
-    over the readout row; map = ``max(mean_h(w_h·A_h), 0)`` on the readout row; selected blocks summed.
+    """Grad-CAM on attention, as Chefer et al. publish it (``generate_cam_attn``): per head, the weight is
+    the score's gradient w.r.t. the attention averaged over the readout row's patch columns (the class
+    token's and other prefix columns left out); map = ``max(mean_h(w_h·A_h), 0)`` on the readout row;
+    selected blocks summed.
 
     Pooler towers use the pooler's attention; CLS towers with the default (last block) run in closed
     form on the readout rows only; other block selections use autograd."""
@@ -223,25 +225,28 @@ def gradcam(model, tower: Tower, images: Tensor, text: Tensor, layers: list[int]
     out = None
     if tower.pool is not None:
         grid, a, gen = pooler_gradients(model, tower, images, text, chunk_size)
+        n = grid[0] * grid[1]
         for sl, g in gen:
-            w = g.mean(-1, keepdim=True)  # [B,k,H,1]
+            w = g[..., -n:].mean(-1, keepdim=True)  # [B,k,H,1]: the patch columns
             out = _scatter(out, (w * a.unsqueeze(1)).mean(2).clamp(min=0), sl, K, tower, grid)
         return out
     if layers == [len(tower.blocks) - 1]:
         grid, rows, weights, a_rows, gen = last_block_readout(model, tower, images, text, chunk_size)
         wr = weights[:, None, :, None]  # [B,1,R,1]
         a = (wr * a_rows).sum(-2)  # [B,H,T]: readout row of each head
+        n = grid[0] * grid[1]
         for sl, g in gen:
-            w = (wr.unsqueeze(1) * g).sum(-2).mean(-1, keepdim=True)  # [B,k,H,1]
+            w = (wr.unsqueeze(1) * g).sum(-2)[..., -n:].mean(-1, keepdim=True)  # [B,k,H,1]: the patch columns
             out = _scatter(out, (w * a.unsqueeze(1)).mean(2).clamp(min=0), sl, K, tower, grid)
         return out
     rec = record_attention(tower, images, layers, to_end=True, grad=True)
     r = readout(tower, rec)[:, None, None, :]  # [B,1,1,T]
+    n = rec.grid[0] * rec.grid[1]
     for sl, grads, _ in score_gradients(model, tower, rec, text, layers, chunk_size):
         row = 0
         for i in layers:
             a = (r @ rec.attn[i].detach()).squeeze(-2)  # [B,H,T]
-            w = (r @ grads[i]).squeeze(-2).mean(-1, keepdim=True)  # [k,B,H,1]
+            w = (r @ grads[i]).squeeze(-2)[..., -n:].mean(-1, keepdim=True)  # [k,B,H,1]: the patch columns
             row = row + (w * a).mean(2).clamp(min=0)
         out = _scatter(out, row.transpose(0, 1), sl, K, tower, rec.grid)
     return out
