@@ -235,7 +235,8 @@ def test_resume_after_kill_gives_identical_files(tmp_path):
 
 def test_three_shards_merged_equal_one_process(tmp_path, capsys):
     src = scenes(tmp_path / "in", 11)
-    common = [str(src), *BASE, "--queries", "a", "b", "--batch-size", "2"]
+    # one image per batch: shards (split by image) batch exactly as the single process does
+    common = [str(src), *BASE, "--queries", "a", "b", "--batch-size", "1"]
     label([*common, "--out", str(tmp_path / "single")], capsys)
     shared = tmp_path / "shards"
     for i in range(3):
@@ -251,6 +252,26 @@ def test_three_shards_merged_equal_one_process(tmp_path, capsys):
     assert main(["merge", *(str(tmp_path / f"s{i}") for i in range(3)), "--out", str(tmp_path / "m2")]) == 0
     assert json.loads((tmp_path / "m2" / "dataset.json").read_text()) == \
         json.loads((tmp_path / "single" / "dataset.json").read_text())
+
+
+def test_shards_split_by_image_and_say_what_to_run_next(tmp_path, capsys):
+    src = scenes(tmp_path / "in", 20)
+    common = [str(src), *BASE, "--queries", "a", "--batch-size", "16"]
+    label([*common, "--out", str(tmp_path / "single")], capsys)
+    counts = []
+    for i in range(2):
+        assert main(["label", *common, "--out", str(tmp_path / "shards"), "--shard", f"{i}/2"]) == 0
+        out = capsys.readouterr().out
+        assert f"ovlabel merge {tmp_path / 'shards'}" in out  # what to run once every shard is done
+        counts.append(int(out.split("labelled ")[1].split()[0]))
+    assert counts == [10, 10]  # by image, not 16/4 by batch
+    assert main(["merge", str(tmp_path / "shards"), "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "predictions.json").read_text())
+    single = json.loads((tmp_path / "single" / "predictions.json").read_text())
+    assert len(merged) == len(single)
+    for m, s in zip(merged, single):  # other batches: the same detections, scores to float rounding
+        assert {k: v for k, v in m.items() if k != "score"} == {k: v for k, v in s.items() if k != "score"}
+        assert m["score"] == pytest.approx(s["score"], rel=1e-5)
 
 
 def test_coco_gt_input_keeps_ids_and_names_stay_inside(tmp_path, capsys):
@@ -410,3 +431,32 @@ def test_default_preset_matches_schema_defaults():
     assert load_config("default") == Config()
     for name in list_presets():
         load_config(name)  # every shipped preset validates
+
+
+def test_command_line_habits_quiet_fail_on_error_flags_and_swallowed_paths(tmp_path, capsys, monkeypatch):
+    src = scenes(tmp_path / "in", 3)
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    common = [str(src), *BASE, "-q", "a"]
+    # the closing line counts failures; --fail-on-error turns them into exit status 3, files still written
+    assert main(["label", *common, "--out", str(tmp_path / "r1")]) == 0
+    assert "1 failed" in capsys.readouterr().out
+    assert main(["label", *common, "--out", str(tmp_path / "r2"), "--fail-on-error"]) == 3
+    assert "1 image(s) failed (--fail-on-error)" in capsys.readouterr().err
+    assert (tmp_path / "r2" / "dataset.json").exists()
+    # --quiet: errors only
+    assert main(["label", *common, "--out", str(tmp_path / "r3"), "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+    # first-class flags for what people tune, each setting its config key
+    assert main(["label", *common, "--out", str(tmp_path / "r4"), "--threshold", "0.7", "--score", "0.01",
+                 "--presence", "0.02", "--nms-iou", "0.3"]) == 0
+    pp = yaml.safe_load((tmp_path / "r4" / "run.yaml").read_text())["config"]["postprocess"]
+    assert (pp["threshold"]["value"], pp["score_threshold"], pp["presence_threshold"], pp["nms_iou"]) == \
+        (0.7, 0.01, 0.02, 0.3)
+    # a folder swallowed by the greedy --queries list is refused; -q NAME is a class whatever the folder holds
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    capsys.readouterr()
+    assert main(["label", "--queries", "cat", "dog", "photos", "--out", "r5", *BASE]) == 2
+    assert "--queries took 'photos' as a class name, but it is a folder" in capsys.readouterr().err
+    assert main(["label", str(src), "--out", "r6", *BASE, "-q", "photos"]) == 0

@@ -11,8 +11,11 @@ Each command imports the library's rooms it needs inside its function, on purpos
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
+import os
 import shlex
 import sys
 import warnings
@@ -111,6 +114,12 @@ def _parse_shard(text: str) -> tuple[int, int] | str:
     return i, n
 
 
+FAILED_IMAGES = 3  # exit status of `label --fail-on-error` when an image failed (2: the run itself failed)
+PRODUCT_ON_STDOUT = ("methods", "formats", "config")  # commands whose output is what was asked (kept by --quiet)
+POSTPROCESS_FLAGS = {"postprocess.threshold.value": "--threshold", "postprocess.score_threshold": "--score",
+                     "postprocess.presence_threshold": "--presence", "postprocess.nms_iou": "--nms-iou"}
+
+
 def _export_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
     """Config overrides of the export flags, as ``(key, value)`` pairs: flag values are taken verbatim,
     never parsed as YAML (only ``--set`` is)."""
@@ -121,6 +130,10 @@ def _export_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
         sets.append(("export.formats", list(args.formats)))
     if args.dataset_min_score is not None:
         sets.append(("export.dataset_min_score", args.dataset_min_score))
+    for key, flag in POSTPROCESS_FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if value is not None:
+            sets.append((key, value))
     if args.val_fraction is not None:
         sets.append(("export.val_fraction", args.val_fraction))
     if args.copy_images:
@@ -141,9 +154,12 @@ def _queries(args: argparse.Namespace) -> list[str] | None:
     """``--queries a b`` and ``-q a -q b`` together; a query that is an existing path is refused (the
     greedy ``--queries`` list took an input)."""
     names = [*(args.queries or []), *(args.query or [])]
+    greedy = set(args.queries or [])
     for name in names:
         p = Path(name)
-        if ("/" in name or "\\" in name or p.suffix) and p.exists():
+        # a bare word is a path only in the greedy list (``--queries cat dog photos``); ``-q NAME`` is a class
+        path_like = "/" in name or "\\" in name or p.suffix or (name in greedy and name not in (args.query or []))
+        if path_like and os.path.lexists(p):
             kind = "a folder" if p.is_dir() else "a file"
             raise InputError(f"--queries took {name!r} as a class name, but it is {kind}: put INPUTS before "
                              "--queries, end the list with --, or give each class with -q NAME")
@@ -214,6 +230,13 @@ def _cmd_label(args: argparse.Namespace) -> int:
         print(_no_detections(c.get("postprocess", {}), cfg))
     if summary.get("image_root"):
         print(f"file names in dataset.json are relative to {summary['image_root']}")
+    if shard[1] > 1:
+        print(f"shard {shard[0]}/{shard[1]} done; when all {shard[1]} shards are: ovlabel merge "
+              f"{shlex.quote(str(args.out))} --out {shlex.quote(str(args.out))}")
+    if args.fail_on_error and c["failed"]:
+        print(f"error: {c['failed']} image(s) failed (--fail-on-error); their reasons are in "
+              f"{Path(args.out) / 'run.yaml'}", file=sys.stderr)
+        return FAILED_IMAGES
     return 0
 
 
@@ -422,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="the images folder, for overlays and YOLO datasets (default: where the run "
                    "read them)")
     _export_options(p)
+    _postprocess_options(p.add_argument_group("post-processing"))
     p.set_defaults(func=_cmd_postprocess)
 
     p = add("calibrate", "search the post-processing settings on labelled images' cached heatmaps")
@@ -497,11 +521,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cpus-per-actor", type=float, help="with --engine ray: CPUs of each actor (default: the "
                    "cluster's CPUs shared among the actors; 1 with GPUs)")
     r.add_argument("--strict", action="store_true", help="stop at the first image that fails")
+    r.add_argument("--fail-on-error", action="store_true", help="exit with status 3 when any image failed (the "
+                   "run still labels the others and writes its files; failures are listed in run.yaml)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     o = p.add_argument_group("outputs")
     o.add_argument("--save-heatmaps", action="store_true", help="write heatmaps/*.npz")
     o.add_argument("--overlays", action="store_true", help="write overlays/*.jpg")
     _export_options(o)
+    _postprocess_options(p.add_argument_group("post-processing"))
     p.set_defaults(func=_cmd_label)
 
     p = add("export-onnx", "export the image encoder, the explainers' map graphs and the text encoder to ONNX, "
@@ -597,6 +624,16 @@ def _export_options(p) -> None:
                    "the dataset instead of relative symbolic links {config: export.copy_images}")
 
 
+def _postprocess_options(p) -> None:
+    """First-class flags for what people tune (each sets the config key its help names)."""
+    helps = {"--threshold": "the map threshold's value (its method: postprocess.threshold.method)",
+             "--score": "detections scoring below this are dropped",
+             "--presence": "queries whose presence is below this are judged absent in the image",
+             "--nms-iou": "NMS overlap (with postprocess.nms: mask | box)"}
+    for key, flag in POSTPROCESS_FLAGS.items():
+        p.add_argument(flag, type=float, metavar="X", help=f"{helps[flag]} {{config: {key}}}")
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
@@ -615,6 +652,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = warnings.showwarning
     warnings.showwarning = _show_warning
     try:
+        if quiet and args.command not in PRODUCT_ON_STDOUT:  # --quiet: errors only (they go to stderr)
+            with contextlib.redirect_stdout(io.StringIO()):
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except OvlabelError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -12,10 +12,12 @@
 
 Runs stream, so memory stays flat, and a killed run (even ``kill -9``) loses at most the batch in
 flight. ``resume=True`` skips the batches already recorded (failed images are recorded too and not
-retried, unless ``retry_failed=True``); ``shard=(i, n)`` takes every n-th batch of the deterministic batch
+retried, unless ``retry_failed=True``); ``shard=(i, n)`` takes every n-th image of the deterministic image
 list, so n processes split a dataset with no overlap, and ``ovlabel merge`` (or the run itself when
-n = 1) merges the records. Batches are formed identically in every case, so results do not depend on how
-a run was split or interrupted.
+n = 1) merges the records. A resumed run forms its batches exactly as before, so an interrupted run ends
+with the same files; a sharded run's batches hold other images than an unsharded run's, so its scores can
+differ in the last float digits (batched matrix products sum in another order; masks and ids are the same
+— with ``run.batch_size`` 1 everything is identical).
 
 :class:`RunLayout` is the one place the run folder's file names are spelled.
 """
@@ -231,7 +233,8 @@ def plan_run(pipe: Any, inputs: Sequence[str | Path] = (), out_dir: str | Path =
                     "image ids stay as they were", len(added), ", ".join(added[:5]), missing)
 
     B = cfg.run.batch_size
-    batches = [items[k : k + B] for k in range(0, len(items), B)][index::count]
+    mine = items[index::count]  # by image: shards differ by at most one image, whatever the batch size
+    batches = [mine[k : k + B] for k in range(0, len(mine), B)]
     done = done_ids(layout.records, retry_failed) if resume else set()
     todo = [b for b in batches if not all(it.id in done for it in b)]
     names = {f"{stem(it)}{ext}" for b in batches for it in b for ext in (".npz", ".jpg", ".png", ".json")}
