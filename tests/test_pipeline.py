@@ -453,6 +453,15 @@ def test_command_line_habits_quiet_fail_on_error_flags_and_swallowed_paths(tmp_p
     pp = yaml.safe_load((tmp_path / "r4" / "run.yaml").read_text())["config"]["postprocess"]
     assert (pp["threshold"]["value"], pp["score_threshold"], pp["presence_threshold"], pp["nms_iou"]) == \
         (0.7, 0.01, 0.02, 0.3)
+    # postprocess shows its stages (stderr), --quiet nothing
+    assert main(["label", *common, "--out", str(tmp_path / "r7"), "--save-heatmaps"]) == 0
+    capsys.readouterr()
+    assert main(["postprocess", "--heatmaps", str(tmp_path / "r7" / "heatmaps"), "--out", str(tmp_path / "p1")]) == 0
+    err = capsys.readouterr().err
+    assert "ovlabel postprocess: maps -> masks" in err and "writing predictions.json, dataset.json" in err
+    assert main(["postprocess", "--heatmaps", str(tmp_path / "r7" / "heatmaps"), "--out", str(tmp_path / "p2"),
+                 "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")
     # a folder swallowed by the greedy --queries list is refused; -q NAME is a class whatever the folder holds
     monkeypatch.chdir(tmp_path)
     (tmp_path / "photos").mkdir()

@@ -72,7 +72,8 @@ def _cmd_postprocess(args: argparse.Namespace) -> int:
     summary = postprocess_heatmaps(args.heatmaps, args.out, config=args.config,
                                    overrides=[*args.set, *_export_overrides(args)], gt=args.coco_gt,
                                    categories=args.categories, images=args.images,
-                                   command=shlex.join(["ovlabel", *(args.argv or [])]))
+                                   command=shlex.join(["ovlabel", *(args.argv or [])]),
+                                   progress=not (args.no_progress or getattr(args, "quiet", False)))
     print(f"{summary['images']} images, {summary['annotations']} annotations in dataset.json -> {args.out}"
           + "".join(f"; {name} in {Path(args.out) / info['folder']}" for name, info in summary["formats"].items()))
     return 0
@@ -323,7 +324,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .apps.calibrate import calibrate
 
     r = calibrate(args.heatmaps, args.coco_gt, args.out, metric=args.metric, per_class=args.per_class,
-                  folds=args.folds, config=args.config, images=args.images)
+                  folds=args.folds, config=args.config, images=args.images,
+                  progress=not (args.no_progress or getattr(args, "quiet", False)))
     h = r["held_out"]
     print(f"{r['metric']} on held-out folds: {100 * h['start']:.1f} (start) -> {100 * h['tuned']:.1f} (calibrated), "
           f"{100 * h['gain']:+.1f} points over {len(r['folds'])} folds")
@@ -446,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "read them)")
     _export_options(p)
     _postprocess_options(p.add_argument_group("post-processing"))
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_postprocess)
 
     p = add("calibrate", "search the post-processing settings on labelled images' cached heatmaps")
@@ -460,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="the starting configuration (default: the run's, else default)")
     p.add_argument("--images", help="the images folder, to search the map refinement too (default: where the run "
                    "read them)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_calibrate)
 
     p = add("eval", "COCO evaluation with pycocotools (+ semantic metrics)")

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from ..apps.postprocess import source_run
 from ..common.categories import Categories
@@ -417,7 +418,7 @@ class Calibrator:
 
 def calibrate(heatmap_dir: str | Path, gt: str | Path, out: str | Path, *, metric: str = "segm-ap",
               per_class: bool = False, folds: int = 5, config: Any = None, images: str | Path | None = None,
-              seed: int = 0, min_instances: int = 10) -> dict:
+              seed: int = 0, min_instances: int = 10, progress: bool = False) -> dict:
     """Search, cross-validate and write ``out`` (a config usable with ``--config``; see the module
     docstring). Returns the calibration record."""
 
@@ -430,11 +431,18 @@ def calibrate(heatmap_dir: str | Path, gt: str | Path, out: str | Path, *, metri
     parts = [sorted(ids[j] for j in order[f::folds]) for f in range(folds)]
     start = cal.start()
     cv = []
+    bar = tqdm(total=folds + 1, desc="ovlabel calibrate: search on fold 1", unit="search", disable=not progress,
+               dynamic_ncols=True)
     for f, held in enumerate(parts):
         train = sorted(set(ids) - set(held))
         tuned, _ = cal.search(train, per_class)
         cv.append({"fold": f, "images": len(held), "start": cal.score(start, held), "tuned": cal.score(tuned, held)})
+        bar.update()
+        bar.set_description(f"ovlabel calibrate: search on fold {f + 2}" if f + 1 < folds else
+                            "ovlabel calibrate: final search on all images")
     final, value = cal.search(ids, per_class)
+    bar.update()
+    bar.close()
     gain = float(np.mean([c["tuned"] - c["start"] for c in cv]))
     record = {
         "metric": metric, "images": len(ids), "folds": cv,

@@ -9,6 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .. import __version__
 from ..common.categories import Categories, load_categories
 from ..common.files import contained, ensure_writable_dir, fsync_dir, relative_name_problem, write_yaml
@@ -79,6 +81,7 @@ def postprocess_heatmaps(
     categories: str | Path | None = None,
     images: str | Path | None = None,
     command: str | None = None,
+    progress: bool = False,
 ) -> dict:
     """Cached heatmaps (``*.npz``, see :mod:`ovlabel.export.heatmaps`) → ``predictions.json``,
     ``dataset.json``, the configured dataset formats and overlays in ``out_dir``, and its ``run.yaml``.
@@ -133,7 +136,8 @@ def postprocess_heatmaps(
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".postprocess-") as tmp:
         records = Path(tmp) / "records.jsonl"
         with RecordWriter(records) as writer:
-            for f in files:
+            for f in tqdm(files, desc="ovlabel postprocess: maps -> masks", unit="img", disable=not progress,
+                          dynamic_ncols=True):
                 rec = load_heatmaps(f, max_pixels=cfg.run.max_pixels)
                 if cats is None:
                     cats = Categories.from_names(rec.queries)
@@ -171,6 +175,9 @@ def postprocess_heatmaps(
                 os.replace(p, layout.overlays / p.name)
             fsync_dir(layout.overlays)
         paths = {i: contained(root, seen_name) for i, seen_name in names.items()} if root is not None else {}
+        if progress:
+            print("ovlabel postprocess: writing predictions.json, dataset.json"
+                  + "".join(f", {name}/" for name in cfg.export.all_formats), file=sys.stderr, flush=True)
         summary = write_dataset([records], out_dir, cats, export_cfg=cfg.export.model_dump(), gt=gt_coco,
                                 image_root=root.absolute() if root is not None else None, image_paths=paths)
     write_yaml(layout.run_yaml, {
