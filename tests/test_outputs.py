@@ -247,9 +247,15 @@ def test_offline_tag_fails_in_seconds(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     t0 = time.time()
-    with pytest.raises(ModelLoadError, match="not in the local cache .*Network is unreachable.*--pretrained /path/to"):
+    with pytest.raises(ModelLoadError, match="not in the local cache .*Network is unreachable.*--pretrained /path/to"
+                       ) as e:
         load_model("ViT-B-32", "laion2b_s34b_b79k", device="cpu")
     assert time.time() - t0 < 5
+    # where to get them: the hub repository and file of open_clip's own pretrained table
+    import open_clip
+
+    repo = open_clip.get_pretrained_cfg("ViT-B-32", "laion2b_s34b_b79k")["hf_hub"].rstrip("/")
+    assert f"open_clip_pytorch_model.bin from https://huggingface.co/{repo}" in str(e.value)
 
 
 # ------------------------------------------------------------------------------ 7. command line

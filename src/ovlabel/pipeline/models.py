@@ -106,8 +106,22 @@ def _check_reachable(name: str, arch: str, tag: str, timeout: float = 3.0) -> No
             reason = f"{host} cannot be reached: {e.strerror or e}"
     raise ModelLoadError(
         f"the weights of {name} / {tag} are not in the local cache and cannot be downloaded ({reason}). "
-        f"Download them elsewhere and pass the file: --pretrained /path/to/open_clip_pytorch_model.bin "
-        "(or .safetensors)")
+        f"Download {weights_source(cfg)} elsewhere and pass the file: --pretrained /path/to/that/file")
+
+
+def weights_source(cfg: dict) -> str:
+    """Where open_clip's pretrained table says a tag's weights are: the hub repository and file, or the URL."""
+    from open_clip import pretrained as oc_pretrained
+
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        repo, filename = hub.rstrip("/"), oc_pretrained.HF_WEIGHTS_NAME
+        if not hub.endswith("/"):  # "repo/file"
+            repo, filename = hub.rsplit("/", 1)
+        safe = [n for n in oc_pretrained._get_safe_alternatives(filename) if n != filename]
+        names = " or ".join([*safe, filename])
+        return f"{names} from https://huggingface.co/{repo}"
+    return cfg.get("url") or "the checkpoint"
 
 
 def default_weights(name: str, pretrained: str | None) -> str | None:
