@@ -157,3 +157,32 @@ def test_an_unknown_engine_lists_the_registered_ones(tmp_path):
 
     with pytest.raises(InputError, match="local, ray"):
         Pipeline(load_config(None)).run([str(tmp_path)], tmp_path / "o", queries=["a"], engine="dask")
+
+
+def test_the_readmes_python_examples_compile_and_name_what_exists():
+    """Every ```python block of the README compiles, every ``from ovlabel… import X`` resolves, every
+    ``ovlabel.X`` exists, and every keyword given to ``Pipeline.run`` is one of its parameters."""
+    import importlib
+    import inspect
+    import re
+
+    import ovlabel
+    from ovlabel.pipeline.runner import Pipeline
+
+    text = (ROOT.parent.parent / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    run_params = set(inspect.signature(Pipeline.run).parameters)
+    for block in blocks:
+        tree = ast.parse(block)  # a SyntaxError names the example
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ovlabel"):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    assert hasattr(module, alias.name), f"README: {node.module} has no {alias.name}"
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ovlabel":
+                assert hasattr(ovlabel, node.attr), f"README: ovlabel has no {node.attr}"
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "run" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "pipe":
+                unknown = {k.arg for k in node.keywords} - run_params
+                assert not unknown, f"README: Pipeline.run takes no {unknown}"
