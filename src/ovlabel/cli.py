@@ -192,6 +192,7 @@ def _label_overrides(args: argparse.Namespace) -> list[str | tuple[str, Any]]:
 def _cmd_label(args: argparse.Namespace) -> int:
     queries = _queries(args)
     cfg = _config(args.config, _label_overrides(args))
+    cfg = _onnx_size(cfg, args)
     shard, ray_options = args.shard, None
     if shard == "auto":
         from .pipeline.run import shard_from_environment
@@ -241,6 +242,21 @@ def _cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def _onnx_size(cfg, args: argparse.Namespace):
+    """``--backend onnx`` without ``--size``: the size the graphs were exported (and checked) at."""
+    if cfg.model.backend != "onnx" or args.size is not None or any(
+            isinstance(s, str) and s.replace(" ", "").startswith("preprocess.size=") for s in args.set):
+        return cfg
+    from .export.onnx import read_model_json
+
+    size = int(read_model_json(Path(cfg.model.onnx_dir))["input_size"])
+    if size != cfg.preprocess.size:
+        logging.getLogger("ovlabel").info("preprocess.size %d: the size of the graphs in %s (--size to choose)",
+                                          size, cfg.model.onnx_dir)
+        cfg = cfg.model_copy(update={"preprocess": cfg.preprocess.model_copy(update={"size": size})})
+    return cfg
+
+
 def _no_detections(stats: dict, cfg) -> str:
     """Why a run found nothing, from the post-processing counts."""
     pp = cfg.postprocess
@@ -284,7 +300,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
         _set_threads(args.threads)
     layers = cfg.explainer.layers  # the config's blocks, as `label` with the same config asks for them
     r = export_onnx(cfg.model.name, cfg.model.pretrained, args.out, methods=args.method or None, layers=layers,
-                    size=args.size, dynamic_size=args.dynamic_size, opset=args.opset, fp16=args.fp16, config=cfg)
+                    size=args.size, dynamic_size=not args.static_size, opset=args.opset, fp16=args.fp16, config=cfg)
     print(f"exported {', '.join(r.files)} and model.json -> {args.out}")
     for key, vals in r.parity.get("explainers", {}).items():
         worst = max(v["max_abs_maps"] for v in vals.values())
@@ -543,8 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a YAML file or a shipped preset name (default: default)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--size", type=int, help="input size of the graphs {config: preprocess.size}")
-    p.add_argument("--dynamic-size", action="store_true", help="any input height and width (a multiple of the "
-                   "patch size), positional embeddings resampled in the graph")
+    p.add_argument("--static-size", action="store_true", help="graphs of one square input size (--size): non-square "
+                   "images are padded to it, so results differ from PyTorch's; the default takes any height and "
+                   "width (a multiple of the patch size), positional embeddings resampled in the graph")
+    p.add_argument("--dynamic-size", action="store_true", help=argparse.SUPPRESS)  # the default since 0.x: kept
     p.add_argument("--layers", help="blocks of the explainers: all | -n | [i,j] {config: explainer.layers}")
     p.add_argument("--method", action="append", help=f"explainer to export (repeatable): {', '.join(EXPORTABLE)} "
                    "{config: explainer.method}")

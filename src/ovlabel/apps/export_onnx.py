@@ -3,8 +3,9 @@ the text encoder exported to ONNX, checked against PyTorch before anything is wr
 :mod:`ovlabel.export.onnx` describes.
 
 Parity: the graphs run in onnxruntime on sample images (generated scenes, preprocessed as a run does)
-and random unit text embeddings, at the export size and, with ``dynamic_size``, at a second, non-square
-size; image embeddings must agree with PyTorch to cosine ≥ 0.9999 and maps to max |Δ| ≤ 1e-4 (fp32). An
+and random unit text embeddings, at the export size and, for dynamic-size graphs (the default;
+``dynamic_size=False`` makes graphs of one square size), at a second, non-square size; image embeddings
+must agree with PyTorch to cosine ≥ 0.9999 and maps to max |Δ| ≤ 1e-4 (fp32). An
 export that fails is not written; the error names the output and the drift. A Ctrl-C stops it, and the
 temporary folder of an export that was killed is removed by the next export into the same place.
 """
@@ -146,7 +147,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def export_onnx(model_name: str, pretrained: str | None, out_dir: str | Path, *, methods: list[str] | None = None,
-                layers: Any = None, size: int | None = None, dynamic_size: bool = False, opset: int = 18,
+                layers: Any = None, size: int | None = None, dynamic_size: bool = True, opset: int = 18,
                 fp16: bool = False, config: Any = None, queries_for_parity: int = 5,
                 text_encoder: bool = True) -> ExportResult:
     """Export, check parity, and only then write ``out_dir`` (see the module docstring)."""

@@ -10,6 +10,7 @@ graph's normalised maps exactly as :mod:`ovlabel.legrad.methods` does.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +93,10 @@ class OnnxBackend:
             if ex.shifts > 1:
                 problems.append("explainer.shifts > 1 pads inputs beyond the graph's size")
             if pre.tile.enabled:
-                problems.append("tiling feeds tiles of the input size: use a --dynamic-size export")
+                problems.append("tiling feeds tiles of the input size: export without --static-size")
             if problems:
-                raise InputError(f"{self.dir} holds graphs for one input size ({S}x{S}, exported without "
-                                 f"--dynamic-size): " + "; ".join(problems))
+                raise InputError(f"{self.dir} holds graphs for one input size ({S}x{S}, exported with "
+                                 f"--static-size): " + "; ".join(problems))
         self.device = cfg.model.device
         self.patch_size: tuple[int, int] = tuple(info["patch_size"])
         self.mean, self.std = tuple(info["mean"]), tuple(info["std"])
@@ -109,6 +110,7 @@ class OnnxBackend:
         self.dtype = np.float16 if info.get("precision") == "fp16" else np.float32  # what the graphs take
         self._check_graph()
         self._tokenizer = None
+        self._warned_static = False
 
     def _check_graph(self) -> None:
         """The explainer graph's inputs and outputs are what model.json says (before any image is read)."""
@@ -153,6 +155,11 @@ class OnnxBackend:
         S = self.static_size
         if H > S or W > S:
             raise InputError(f"an input of {W}x{H} does not fit the graph's {S}x{S}")
+        if not self._warned_static:
+            self._warned_static = True
+            warnings.warn(f"{self.dir} holds graphs of one size ({S}x{S}, exported with --static-size): a {W}x{H} "
+                          "input is padded to it, so its maps and detections differ from PyTorch's on the same "
+                          "weights; export without --static-size to reproduce PyTorch", stacklevel=2)
         out = images.new_zeros(*images.shape[:2], S, S)
         out[..., :H, :W] = images
         return out, (H, W)
