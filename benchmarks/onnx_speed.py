@@ -3,8 +3,9 @@
     python benchmarks/onnx_speed.py                  # ViT-B-16 random init, 224 and 448, K = 1 and 20
     python benchmarks/onnx_speed.py --sizes 224 --repeats 3
 
-Each size is exported with ``ovlabel export-onnx`` (static size, dynamic batch and queries; parity checked
-by the export) into a temporary folder; then, in one process with the same threads for both, the median
+Each size is exported with ``ovlabel export-onnx`` (its default: dynamic size, batch and queries; with
+``--static-size``, graphs of one square size; parity checked by the export) into a temporary folder;
+then, in one process with the same threads for both, the median
 of ``--repeats`` calls of: ``encode_image`` vs the ONNX image encoder, and ``compute_maps`` (LeGrad, last
 two blocks) vs the ONNX explainer (maps and embeddings from one run), for one image. Target: the ONNX
 maps at K = 20 take at most 0.8× the time of ``compute_maps``.
@@ -34,7 +35,7 @@ def worker(spec: dict) -> dict:
     logging.getLogger().setLevel(logging.ERROR)
     size, out = spec["size"], Path(spec["tmp"]) / f"vit-b-16-{spec['size']}"
     t0 = time.perf_counter()
-    r = export_onnx("ViT-B-16", "none", out, size=size)
+    r = export_onnx("ViT-B-16", "none", out, size=size, dynamic_size=not spec.get("static", False))
     export_s = time.perf_counter() - t0
     model = build_model("ViT-B-16", size)  # PyTorch at its native size: encode_image works as is
     x = torch.randn(1, 3, size, size)
@@ -58,6 +59,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 448])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--static-size", action="store_true", help="export graphs of one square size")
     p.add_argument("--json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -65,12 +67,13 @@ def main(argv=None) -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     rows = []
-    print("ViT-B-16 random init, CPU, one image; seconds (median), ratio = onnxruntime / PyTorch")
+    print(f"ViT-B-16 random init, CPU, one image, {'static' if args.static_size else 'dynamic'}-size graphs; "
+          "seconds (median), ratio = onnxruntime / PyTorch")
     print("| input | part | PyTorch s | onnxruntime s | ratio |")
     print("|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
-            r = run_isolated(__file__, {"size": size, "tmp": tmp, "repeats": args.repeats})
+            r = run_isolated(__file__, {"size": size, "tmp": tmp, "repeats": args.repeats, "static": args.static_size})
             rows.append(r)
             for part, a, b in (("encoder", "torch_encoder_s", "onnx_encoder_s"),
                                ("LeGrad maps, K = 1", "torch_maps_k1_s", "onnx_maps_k1_s"),

@@ -354,6 +354,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .apps.report import write_report
+
+    r = write_report(args.run, args.out, gt=args.gt, page_size=args.page_size, thumb=args.thumb,
+                     progress=not (args.no_progress or getattr(args, "quiet", False)))
+    print(f"report of {r['images']} images ({r['pages']} pages, {r['bytes'] / 2**20:.1f} MB) -> {r['index']} "
+          "(open it in a browser: no server needed)")
+    return 0
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .pipeline.merge import merge_runs
 
@@ -370,7 +380,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"segm AP {100 * r['segm']['AP']:.1f}  AP50 {100 * r['segm']['AP50']:.1f} | bbox AP "
           f"{100 * r['bbox']['AP']:.1f}  AP50 {100 * r['bbox']['AP50']:.1f} | mask mIoU {100 * r['mask_miou']:.1f} | "
           f"pointing game {100 * r['pointing_game']:.1f} % (random object {100 * r['random_object_baseline']:.1f} %)")
-    print(f"{r['seconds']['total']:.0f} s. Report: {Path(args.out) / 'report.md'}")
+    print(f"{r['seconds']['total']:.0f} s. Report: {r['report']} (and {Path(args.out) / 'report.md'})")
     return 0
 
 
@@ -605,6 +615,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--imagenet-val", required=True, help="class folders (n01440764/…) or ILSVRC2012_val_*.JPEG")
     q.add_argument("--devkit", help="ILSVRC2012_devkit_t12, for a flat validation folder")
     q.add_argument("--target", choices=["predicted", "true"], default="predicted", help="the class explained")
+
+    p = add("report", "a self-contained HTML report of a run (gallery, filters, counts, evaluation, failures)")
+    p.add_argument("run", help="a finished run folder")
+    p.add_argument("--out", help="where to write it (default: RUN/report)")
+    p.add_argument("--gt", help="a COCO ground truth for per-class AP, PR curves, false positives and misses "
+                   "(default: the one the run was labelled from, if any)")
+    p.add_argument("--page-size", type=int, default=200, help="images per gallery page")
+    p.add_argument("--thumb", type=int, default=256, help="longest side of the thumbnails, in pixels")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_report)
 
     p = add("merge", "merge the shards of a run into one set of files")
     p.add_argument("runs", nargs="+", help="run folders (each with records/ and run*.yaml)")

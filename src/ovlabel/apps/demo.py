@@ -17,6 +17,7 @@ from ..evaluation.semantic import semantic_evaluation
 from ..export.coco import atomic_write_json, load_coco
 from ..pipeline.run import RunLayout
 from ..pipeline.runner import Pipeline
+from .report import write_report
 
 DEMO_SIZES = ((64, 96), (96, 64), (80, 80), (72, 112), (64, 64))
 
@@ -113,8 +114,10 @@ Time: {result['seconds']['total']:.1f} s in all ({result['seconds']['label']:.1f
 {format_table({k: metrics[k] for k in ("bbox", "segm")})}
 ```
 
-Files: `run/predictions.json` (COCO results), `run/dataset.json` (pseudo-labels), `run/overlays/`,
+Open `report/index.html` in a browser for the gallery (class filter, score slider, maps), per-class AP and
+PR curves. Files: `run/predictions.json` (COCO results), `run/dataset.json` (pseudo-labels), `run/overlays/`,
 `run/heatmaps/`, `run/run.yaml` (provenance), `metrics.json`; the data: `data/annotations.json`, `data/images/`.
 """
     write_text(out_dir / "report.md", report)
+    result["report"] = write_report(run_dir, out_dir / "report", gt=gt_path)["index"]  # the HTML report
     return result

@@ -58,19 +58,38 @@ def match(gt: COCO, annotations: list[dict], *, iou: float = 0.5, iou_type: str 
     """The greedy matching: ``(scores, outcome, instances)`` with ``outcome`` 1 (hit), 0 (miss) or −1
     (ignored: a crowd region) per annotation, best score first, and the count of non-crowd ground-truth
     instances of ``image_ids`` (default: the ground truth's images) and ``category_ids`` (default: all)."""
+    scores, outcome, _, instances = _match(gt, annotations, iou, iou_type, image_ids, category_ids)
+    return scores, outcome, instances
+
+
+def outcomes(gt: COCO, annotations: list[dict], *, iou: float = 0.5, iou_type: str = "segm",
+             image_ids: list[int] | None = None, category_ids: list[int] | None = None) -> np.ndarray:
+    """:func:`match`'s outcome of each annotation, in the order given (−2: not matched, its image or class
+    left out). Greedy by score, so the outcome of an annotation holds for any score threshold or subset of
+    classes that keeps it."""
+    _, outcome, which, _ = _match(gt, annotations, iou, iou_type, image_ids, category_ids)
+    out = np.full(len(annotations), -2, dtype=np.int64)
+    out[which] = outcome
+    return out
+
+
+def _match(gt: COCO, annotations: list[dict], iou: float, iou_type: str, image_ids: list[int] | None,
+           category_ids: list[int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     if iou_type not in ("segm", "bbox"):
         raise ValueError(f"iou_type must be 'segm' or 'bbox', got {iou_type!r}")
     ids = set(gt.getImgIds() if image_ids is None else image_ids)
     cats = None if category_ids is None else set(category_ids)
-    preds: dict[tuple[int, int], list[dict]] = defaultdict(list)
-    for a in annotations:
+    preds: dict[tuple[int, int], list[tuple[int, dict]]] = defaultdict(list)
+    for n, a in enumerate(annotations):
         if a["image_id"] in ids and (cats is None or a["category_id"] in cats):
-            preds[(a["image_id"], a["category_id"])].append(a)
+            preds[(a["image_id"], a["category_id"])].append((n, a))
     instances = sum(1 for a in gt.loadAnns(gt.getAnnIds(imgIds=sorted(ids), iscrowd=False))
                     if cats is None or a["category_id"] in cats)
-    scores, outcome = [], []
-    for (image_id, cat), group in preds.items():
-        group.sort(key=lambda a: -float(a.get("score", 1.0)))
+    scores, outcome, which = [], [], []
+    for (image_id, cat), pairs in preds.items():
+        pairs.sort(key=lambda p: -float(p[1].get("score", 1.0)))
+        group = [a for _, a in pairs]
+        which += [n for n, _ in pairs]
         img = gt.imgs[image_id]
         h, w = int(img["height"]), int(img["width"])
         truth = gt.loadAnns(gt.getAnnIds(imgIds=[image_id], catIds=[cat], iscrowd=None))
@@ -98,7 +117,8 @@ def match(gt: COCO, annotations: list[dict], *, iou: float = 0.5, iou_type: str 
             else:
                 outcome.append(0)
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    return np.asarray(scores)[order], np.asarray(outcome, dtype=np.int64)[order], instances
+    return (np.asarray(scores)[order], np.asarray(outcome, dtype=np.int64)[order],
+            np.asarray(which, dtype=np.int64)[order], instances)
 
 
 def dataset_quality(gt: COCO, annotations: list[dict], *, iou: float = 0.5, iou_type: str = "segm",
