@@ -96,6 +96,10 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert metrics["pointing_game"] >= metrics["random_object_baseline"] + 0.1
     assert (demo / "run" / "predictions.json").exists() and (demo / "run" / "dataset.json").exists()
     assert len(list((demo / "run" / "overlays").glob("*.jpg"))) == 12
+    # and its HTML report, with the demo's ground truth
+    index = (demo / "report" / "index.html").read_text()
+    assert "report/index.html" in out and '"evaluation":{"segm_ap"' in index
+    assert len(list((demo / "report" / "thumbs").glob("*.jpg"))) == 12
 
 
 SHIPPED_MIN_ZERO_SHOT = 0.9
