@@ -330,3 +330,32 @@ def test_shard_auto_from_slurm_and_torchrun(tmp_path, capsys, monkeypatch):
     for name in OUTPUTS:
         merged, single = (json.loads((tmp_path / d / name).read_text()) for d in ("merged", "single"))
         assert merged == single, name
+
+
+def test_ray_stays_quiet_and_its_failures_are_ovlabel_errors(cluster, tmp_path, capfd, monkeypatch):
+    from ovlabel.pipeline.engines.ray import RayLogLines
+
+    # the core worker's log lines are dropped (and counted); everything else on stderr passes unchanged
+    capfd.readouterr()
+    with RayLogLines() as hidden:
+        os.write(2, b"[2026-12-04 15:23:59,487 E 24507 24507] core_worker.cc:2465: Actor with class name\n")
+        os.write(2, b"progress 1/3\r")
+        os.write(2, b"warning: keep me\n[not a ray line]\n")
+    assert hidden.count == 1 and capfd.readouterr().err == "progress 1/3\rwarning: keep me\n[not a ray line]\n"
+    # a real driver that starts its own cluster, as a user runs it: no Ray notice reaches the console
+    src = scenes(tmp_path / "in", 3)
+    proc = subprocess.run([sys.executable, "-m", "ovlabel.cli", "label", str(src), *BASE, "-q", "a", "--out",
+                           str(tmp_path / "out"), "--engine", "ray"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for noise in ("core_worker", "Progress bars disabled", "Token authentication", "concurrent tasks", "WARNING"):
+        assert noise not in proc.stderr, proc.stderr
+    # Ray's own failures come out as one ovlabel error line, with what to do
+    def lost(*args, **kwargs):
+        raise ray.exceptions.RaySystemError("the node running the actors was lost")
+
+    monkeypatch.setattr(ray.data, "from_items", lost)
+    capfd.readouterr()
+    assert main(["label", str(src), *BASE, "-q", "a", "--out", str(tmp_path / "lost"), "--engine", "ray"]) == 2
+    err = capfd.readouterr().err
+    assert "error: Ray failed: RaySystemError" in err and "rerun with --resume" in err

@@ -38,3 +38,7 @@ class CocoFormatError(OvlabelError, ValueError):
 
 class OutputError(OvlabelError, OSError):
     """An output file could not be written (disk full, no permission…); finished work is kept."""
+
+
+class EngineError(OvlabelError, RuntimeError):
+    """An execution engine (Ray) failed: a lost node or actor, a cluster that went away."""

@@ -29,13 +29,16 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ...common.files import fsync_dir
 from ...config import load_config
-from ...errors import InputError, OutputError, OvlabelError
+from ...errors import EngineError, InputError, OutputError, OvlabelError
 from ..images import decode_item
 from ..manifest import digest
 from .sink import Counts, RecordSink
@@ -193,7 +196,9 @@ def _connect(options: RayOptions) -> bool:
 
     if ray.is_initialized():
         return False
-    quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
+    # Ray's own notices stay off the console (token authentication, ...): ovlabel reports what matters,
+    # and Ray's errors as its own
+    quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR,
              "configure_logging": True}
     try:
         if options.address:
@@ -233,6 +238,9 @@ def _data_context() -> None:
     # Ray Data's own deprecation notices about settings ovlabel does not use
     warnings.filterwarnings("ignore", message=r".*(deprecated|Deprecated).*", module=r"ray(\.|$)")
     warnings.filterwarnings("ignore", message=r"`\w+` is deprecated")
+    from ray.util.debug import log_once
+
+    log_once("ray_data_progress_manager_disabled")  # Ray Data's one notice that its bars are off: ovlabel has its own
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver shows one bar of its own
     ctx.enable_operator_progress_bars = False
@@ -272,6 +280,17 @@ def execute(pipe: Any, plan: Any, options: RayOptions | None = None, config: Any
                     done_batches, len(plan.batches), len(plan.todo))
     nodes_used: set[str] = set()
     counts = Counts.of(plan)
+    hidden = RayLogLines()
+    with hidden:
+        try:
+            return _execute(pipe, plan, options, config, nodes_used, counts)
+        finally:
+            if hidden.count:
+                log.info("Ray: %d log line(s) of its core worker hidden (Ray's logs: /tmp/ray/session_latest/logs)",
+                         hidden.count)
+
+
+def _execute(pipe: Any, plan: Any, options: RayOptions, config: Any, nodes_used: set[str], counts: Counts) -> dict:
     connected = _connect(options)
     try:
         import ray
@@ -288,7 +307,8 @@ def execute(pipe: Any, plan: Any, options: RayOptions | None = None, config: Any
         with RecordSink(plan, progress=cfg.run.progress, desc=" (ray)", log_failures=True) as sink:
             counts = sink.counts
             if rows:
-                concurrency = options.decode_concurrency or 2 * sizing.max_actors
+                # never more decode tasks than batches (Ray Data warns of a limit it cannot reach)
+                concurrency = min(options.decode_concurrency or 2 * sizing.max_actors, len(rows))
                 ds = ray.data.from_items(rows, override_num_blocks=len(rows))
                 ds = ds.map(decode_batch, num_cpus=DECODE_CPUS,
                             compute=ray.data.TaskPoolStrategy(size=max(1, concurrency)))
@@ -310,6 +330,10 @@ def execute(pipe: Any, plan: Any, options: RayOptions | None = None, config: Any
         if isinstance(cause, OvlabelError) and cause is not e:
             raise type(cause)(f"{cause}\n(raised on a Ray worker; finished batches are kept in {plan.records}: "
                               "rerun with --resume once fixed)") from None
+        if type(e).__module__.split(".")[0] == "ray" or type(cause).__module__.split(".")[0] == "ray":
+            first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            raise EngineError(f"Ray failed: {type(cause).__name__}: {first}; finished batches are kept in "
+                              f"{plan.records}: rerun with --resume") from e
         raise
     finally:
         if connected:
@@ -319,6 +343,73 @@ def execute(pipe: Any, plan: Any, options: RayOptions | None = None, config: Any
     if rows:
         counts.extra["ray_nodes"] = sorted(nodes_used)  # the nodes whose actors labelled
     return counts.as_dict()
+
+
+class RayLogLines:
+    """Drops the log lines Ray's C++ core worker prints on this process's stderr (``[2026-… E 123 123]
+    core_worker.cc:…``) while Ray runs, counting them; everything else written to stderr (Python's own
+    messages, the progress bar) passes through unchanged, unbuffered."""
+
+    PREFIX = re.compile(rb"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] ")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._saved: int | None = None
+
+    def __enter__(self) -> RayLogLines:
+        try:
+            sys.stderr.flush()
+            self._saved = os.dup(2)
+        except (OSError, ValueError):  # no usable fd 2 (an embedding host): nothing to filter
+            return self
+        read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+        self._thread = threading.Thread(target=self._pump, args=(read,), daemon=True, name="ovlabel-ray-stderr")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._saved is None:
+            return
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)  # the pipe's last writer closes: the pump sees the end and writes the rest
+        self._thread.join(timeout=5)
+        os.close(self._saved)
+        self._saved = None
+
+    def _pump(self, read: int) -> None:
+        out, buf = self._saved, b""
+        try:
+            while True:
+                chunk = os.read(read, 65536)
+                if not chunk:
+                    break
+                buf += chunk
+                buf = self._forward(buf, out, final=False)
+            self._forward(buf, out, final=True)
+        except OSError:
+            pass
+        finally:
+            os.close(read)
+
+    def _forward(self, buf: bytes, out: int, final: bool) -> bytes:
+        """Write what is not a Ray log line; keep a possibly unfinished Ray line for the next chunk."""
+        while buf:
+            if buf[:1] == b"[":
+                end = buf.find(b"\n")
+                if end < 0 and not final and len(buf) < 4096:
+                    return buf  # wait for the rest of the line
+                line, buf = (buf, b"") if end < 0 else (buf[: end + 1], buf[end + 1 :])
+                if self.PREFIX.match(line):
+                    self.count += 1
+                else:
+                    os.write(out, line)
+                continue
+            cut = buf.find(b"\n[")
+            part, buf = (buf, b"") if cut < 0 else (buf[: cut + 1], buf[cut + 1 :])
+            os.write(out, part)
+        return b""
 
 
 def _root_cause(e: BaseException) -> BaseException:
