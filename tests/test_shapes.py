@@ -91,6 +91,10 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert "![overlays](figures/overlays.png)" in report
     for f in ("overlays.png", "per_class_ap.png", "pr_segm_iou50.png"):
         assert (demo / "figures" / f).stat().st_size > 1000
+    from PIL import Image
+
+    with Image.open(demo / "figures" / "overlays.png") as grid:  # readable: 2 wide overlays a row, not 4 tiny
+        assert grid.width == 1600 and grid.height >= 6 * 150
     metrics = json.loads((demo / "metrics.json").read_text())
     assert 0 <= metrics["segm"]["AP"] <= 1 and 0 <= metrics["pointing_game"] <= 1
     assert metrics["pointing_game"] >= metrics["random_object_baseline"] + 0.1

@@ -59,7 +59,7 @@ def run_demo(out_dir: str | Path = "ovlabel-demo", *, images: int = 40, seed: in
     fig = out_dir / "figures"
     fig.mkdir(parents=True, exist_ok=True)
     overlays = sorted(layout.overlays.glob("*.jpg"))[:12]
-    overlay_grid(overlays, fig / "overlays.png")
+    overlay_grid(overlays, fig / "overlays.png", columns=2, width=1600)  # overlays are wide: image and maps
     per_class_ap_chart(metrics["segm"]["per_class"], fig / "per_class_ap.png", "segm AP per class")
     pr = metrics["segm"]["pr50"]
     valid = {k: np.asarray(v) for k, v in pr.items() if (np.asarray(v) >= 0).any()}
