@@ -16,6 +16,7 @@ import yaml
 
 from ovlabel import UnsupportedModelError, compute_maps
 from ovlabel.apps.export_onnx import export_onnx
+from ovlabel.cli import main
 from ovlabel.export.onnx import content_digest
 from ovlabel.legrad.catalog import EXPORTABLE
 from test_pipeline import BASE, REAL, TINY, label, scenes
@@ -217,3 +218,13 @@ def test_bad_onnx_folders_fail_before_any_image(static_all, dynamic, tmp_path, c
     assert match in err, err
     assert len(err.strip().splitlines()) == 1 or "random init" in err  # one error line
     assert not (out / "records").exists()
+
+
+def test_export_onnx_names_its_stages_and_quiet_silences_them(tmp_path, capsys):
+    args = ["export-onnx", "--model", TINY, "--pretrained", "none", "--size", "32"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    for stage in ("exporting the image encoder", "exporting the legrad explainer", "checking the graphs"):
+        assert f"ovlabel export-onnx: {stage}" in err
+    assert main([*args, "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")

@@ -300,7 +300,8 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
         _set_threads(args.threads)
     layers = cfg.explainer.layers  # the config's blocks, as `label` with the same config asks for them
     r = export_onnx(cfg.model.name, cfg.model.pretrained, args.out, methods=args.method or None, layers=layers,
-                    size=args.size, dynamic_size=not args.static_size, opset=args.opset, fp16=args.fp16, config=cfg)
+                    size=args.size, dynamic_size=not args.static_size, opset=args.opset, fp16=args.fp16, config=cfg,
+                    progress=not (args.no_progress or getattr(args, "quiet", False)))
     print(f"exported {', '.join(r.files)} and model.json -> {args.out}")
     for key, vals in r.parity.get("explainers", {}).items():
         worst = max(v["max_abs_maps"] for v in vals.values())
@@ -580,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="half-precision graphs (for GPUs; parity checked with the "
                    "fp16 tolerances)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no stage messages")
     p.set_defaults(func=_cmd_export_onnx)
 
     p = add("benchmark", "the papers' benchmarks from their real files, for every explainer")
@@ -694,8 +696,11 @@ def main(argv: list[str] | None = None) -> int:
     previous = warnings.showwarning
     warnings.showwarning = _show_warning
     try:
-        if quiet and args.command not in PRODUCT_ON_STDOUT:  # --quiet: errors only (they go to stderr)
-            with contextlib.redirect_stdout(io.StringIO()):
+        if quiet:  # errors only (they go to stderr): no warnings, and no summary unless it is the product
+            with warnings.catch_warnings(), contextlib.ExitStack() as stack:
+                warnings.simplefilter("ignore")
+                if args.command not in PRODUCT_ON_STDOUT:
+                    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
                 return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except OvlabelError as e:

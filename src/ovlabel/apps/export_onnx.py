@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +150,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 def export_onnx(model_name: str, pretrained: str | None, out_dir: str | Path, *, methods: list[str] | None = None,
                 layers: Any = None, size: int | None = None, dynamic_size: bool = True, opset: int = 18,
                 fp16: bool = False, config: Any = None, queries_for_parity: int = 5,
-                text_encoder: bool = True) -> ExportResult:
+                text_encoder: bool = True, progress: bool = False) -> ExportResult:
     """Export, check parity, and only then write ``out_dir`` (see the module docstring)."""
     onnx, _ = onnx_modules()
     if not 7 <= int(opset) <= onnx.defs.onnx_opset_version():
@@ -209,9 +210,14 @@ def export_onnx(model_name: str, pretrained: str | None, out_dir: str | Path, *,
     remove_dead_exports(parent)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=parent))
     parity: dict = {"precision": precision, "tolerance": tol, "sizes": [list(s) for s in sizes]}
+    def stage(text: str) -> None:  # the export is silent for minutes otherwise
+        if progress:
+            print(f"ovlabel export-onnx: {text}", file=sys.stderr, flush=True)
+
     try:
         files = []
         # image encoder
+        stage("exporting the image encoder")
         enc = ImageEncoderGraph(model).eval()
         _export(enc, (x.to(dtype),), tmp / FILES["image_encoder"], ["images"], ["embeddings"],
                 {"images": img_dyn}, opset)
@@ -221,6 +227,7 @@ def export_onnx(model_name: str, pretrained: str | None, out_dir: str | Path, *,
         if dynamic_size:  # an example off the native grid: the graph keeps the resampling branch general
             example = _sample_inputs(sizes[1], patch, mean, std).to(dtype)
         for m, gr in graphs.items():
+            stage(f"exporting the {m} explainer (blocks {gr.layers})")
             _export(gr, (example, text.to(dtype)), tmp / explainer_file(m), ["images", "text"],
                     ["maps", "embeddings", "grid_maps"], {"images": img_dyn, "text": {0: K}}, opset)
             files.append(explainer_file(m))
@@ -228,6 +235,7 @@ def export_onnx(model_name: str, pretrained: str | None, out_dir: str | Path, *,
         # run, and onnxruntime 1.32 crashes creating a session for the fp16 text graph
         tokens = _tokens(lm, ["a photo of a cat.", "a diagram", "two dogs"]) if text_encoder else None
         if tokens is not None:
+            stage("exporting the text encoder")
             _export(TextEncoderGraph(lm.model).eval(), (tokens,), tmp / FILES["text_encoder"], ["tokens"],
                     ["embeddings"], {"tokens": {0: torch.export.Dim("prompts", min=1, max=65536)}}, opset)
             files.append(FILES["text_encoder"])
@@ -240,6 +248,7 @@ def export_onnx(model_name: str, pretrained: str | None, out_dir: str | Path, *,
                                             "ovlabel's graphs are tested at opsets 17-23 (default 18)") from None
         text_note = None if tokens is not None else ("not exported" if not text_encoder else
                                                       "the tokenizer could not be built at export")
+        stage(f"checking the graphs against PyTorch in onnxruntime at {', '.join(f'{h}x{w}' for h, w in sizes)}")
         parity.update(_parity(tmp, ref_enc, reference, TextEncoderGraph(lm.model).eval(), sizes, patch, mean, std,
                               text, tokens, dtype, tol))
         model_json = {
