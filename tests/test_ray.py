@@ -318,7 +318,8 @@ def test_shard_auto_from_slurm_and_torchrun(tmp_path, capsys, monkeypatch):
         with pytest.raises(InputError, match=msg):
             shard_from_environment(env)
     src = scenes(tmp_path / "in", 5)
-    common = [str(src), *BASE, "-q", "a", "--batch-size", "2"]
+    # one image per batch: shards split by image and batch exactly as the single process (identical bytes)
+    common = [str(src), *BASE, "-q", "a", "--batch-size", "1"]
     label([*common, "--out", str(tmp_path / "single")], capsys)
     for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)

@@ -80,6 +80,13 @@ def test_report_refuses_an_unfinished_run_and_names_from_files_never_lead_outsid
     text = (evil / "report" / "pages" / "page-0001.js").read_text()
     first = json.loads(re.match(r"window\.ovlabelPage\(\d+, (.*)\);\n$", text, re.S).group(1))[0]
     assert "thumb" not in first and "outside" in first["missing"]
+    # image ids name the report's files: one that is not an integer is refused before anything is written
+    data["images"][0]["id"] = "../../../../tmp/evil"
+    (evil / "dataset.json").write_text(json.dumps(data))
+    shutil.rmtree(evil / "report")
+    capsys.readouterr()
+    assert main(["report", str(evil), "--no-progress"]) == 2
+    assert "without an integer id" in capsys.readouterr().err and not (evil / "report").exists()
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it: apt-get install chromium)")

@@ -32,7 +32,7 @@ from ..common.files import atomic_write, contained, write_text
 from ..errors import InputError
 from ..evaluation.coco import evaluate
 from ..evaluation.dataset import outcomes
-from ..export.coco import load_coco, mask_polygons
+from ..export.coco import load_coco, mask_polygons, read_json
 from ..export.heatmaps import list_heatmap_files, load_heatmaps
 from ..pipeline.images import ImageReadError, read_image
 from ..pipeline.run import RunLayout
@@ -102,12 +102,11 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, gt: 
         raise InputError(f"page size must be >= 1 and thumbnails >= 16 px, got {page_size} and {thumb}")
     _, run = source_run(layout.heatmaps)
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    dataset = read_json(layout.dataset, "dataset")
+    predictions = read_json(layout.predictions, "predictions")
+    _check_run_files(dataset, predictions, run_dir)
     for sub in ("pages", "thumbs", "maps"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    with open(layout.dataset, encoding="utf-8") as f:
-        dataset = json.load(f)
-    with open(layout.predictions, encoding="utf-8") as f:
-        predictions = json.load(f)
     categories = dataset["categories"]
     index = {c["id"]: i for i, c in enumerate(categories)}
     names = {c["id"]: c["name"] for c in categories}
@@ -189,6 +188,28 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, gt: 
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return {"index": str(out / "index.html"), "images": len(images), "pages": n_pages, "bytes": size,
             "index_bytes": (out / "index.html").stat().st_size}
+
+
+def _check_run_files(dataset: Any, predictions: Any, run_dir: Path) -> None:
+    """The run's files are input: image ids name files of the report (``thumbs/<id>.jpg``), so they must be
+    integers; sizes positive; every prediction of a known image and category."""
+    def bad(what: str) -> InputError:
+        return InputError(f"{run_dir}: {what}; is it a run folder written by ovlabel?")
+
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list) or \
+            not isinstance(dataset.get("categories"), list) or not isinstance(predictions, list):
+        raise bad("dataset.json must hold 'images' and 'categories' lists, predictions.json a list")
+    for img in dataset["images"]:
+        if not isinstance(img, dict) or type(img.get("id")) is not int or not isinstance(img.get("file_name"), str) \
+                or not all(type(img.get(k)) is int and img[k] > 0 for k in ("width", "height")):
+            raise bad(f"dataset.json has an image entry {str(img)[:120]} without an integer id, a file name and a "
+                      "positive integer width and height")
+    ids = {img["id"] for img in dataset["images"]}
+    cats = {c.get("id") for c in dataset["categories"] if isinstance(c, dict)}
+    for p in predictions:
+        if not isinstance(p, dict) or p.get("image_id") not in ids or p.get("category_id") not in cats:
+            raise bad(f"predictions.json has a detection {str(p)[:120]} of an image or category that "
+                      "dataset.json does not list")
 
 
 def _entry(img: dict, dets: list[dict], index: dict[int, int], names: dict[int, str], root: Path | None,
