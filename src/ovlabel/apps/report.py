@@ -147,13 +147,16 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, gt: 
         for image_id in known:
             per_image_eval.setdefault(image_id, {}).setdefault("gt", {})
 
-    maps_of: dict[int, Path] = {}
+    maps_of: dict[int, list[dict]] = {}  # the maps of each image's best queries, rendered in one pass
     if layout.heatmaps.is_dir():
         for f in list_heatmap_files(layout.heatmaps):
             try:
-                maps_of[load_heatmaps(f).image_id] = f
+                rec = load_heatmaps(f)
             except InputError as e:
                 log.warning("report: heatmap file %s skipped: %s", f.name, e)
+                continue
+            if by_image.get(rec.image_id):
+                maps_of[rec.image_id] = _render_maps(rec, by_image[rec.image_id], index, names, out, thumb)
 
     images = sorted(dataset["images"], key=lambda i: i["id"])
     counts = np.zeros(len(categories), dtype=np.int64)
@@ -168,7 +171,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, gt: 
     for page in range(n_pages):
         entries = []
         for img in images[page * page_size : (page + 1) * page_size]:
-            entries.append(_entry(img, by_image.get(img["id"], []), index, names, root, out, thumb, maps_of,
+            entries.append(_entry(img, by_image.get(img["id"], []), index, root, out, thumb, maps_of.get(img["id"]),
                                   per_image_eval.get(img["id"])))
             bar.update()
         text = f"window.ovlabelPage({page + 1}, {json.dumps(entries, separators=(',', ':'), allow_nan=False)});\n"
@@ -212,8 +215,30 @@ def _check_run_files(dataset: Any, predictions: Any, run_dir: Path) -> None:
                       "dataset.json does not list")
 
 
-def _entry(img: dict, dets: list[dict], index: dict[int, int], names: dict[int, str], root: Path | None,
-           out: Path, thumb: int, maps_of: dict[int, Path], evaluation: dict | None) -> dict:
+def _render_maps(rec: Any, dets: list[dict], index: dict[int, int], names: dict[int, str], out: Path,
+                 thumb: int) -> list[dict]:
+    """The maps of the image's best-scoring classes (up to ``MAPS_PER_IMAGE``) as thumbnail-sized JPEGs,
+    opened on demand in the page."""
+    H, W = rec.size
+    scale = min(1.0, thumb / max(H, W))
+    size = (max(1, round(H * scale)), max(1, round(W * scale)))
+    query = {q: k for k, q in enumerate(rec.queries)}
+    best: list[int] = []
+    for d in sorted(dets, key=lambda d: -d["score"]):
+        if d["category_id"] not in best:
+            best.append(d["category_id"])
+    maps = []
+    for cat_id in best[:MAPS_PER_IMAGE]:
+        k = query.get(names[cat_id])
+        if k is None:
+            continue
+        _save_jpeg(out / "maps" / f"{rec.image_id}_{k}.jpg", _map_image(rec.maps.query(k), size))
+        maps.append({"c": index[cat_id], "src": f"maps/{rec.image_id}_{k}.jpg"})
+    return maps
+
+
+def _entry(img: dict, dets: list[dict], index: dict[int, int], root: Path | None, out: Path, thumb: int,
+           maps: list[dict] | None, evaluation: dict | None) -> dict:
     """One image of a gallery page: its thumbnail, its detections at thumbnail scale, its maps."""
     H, W = int(img["height"]), int(img["width"])
     scale = min(1.0, thumb / max(H, W))
@@ -221,7 +246,6 @@ def _entry(img: dict, dets: list[dict], index: dict[int, int], names: dict[int, 
                              "tw": max(1, round(W * scale)), "th": max(1, round(H * scale))}
     if evaluation is not None:
         entry.update(evaluation)
-    pixels = None
     try:
         if root is None:
             raise InputError("the run recorded no image folder")
@@ -236,20 +260,8 @@ def _entry(img: dict, dets: list[dict], index: dict[int, int], names: dict[int, 
                       "b": [round(float(v) * scale, 1) for v in d["bbox"]], "p": _outline(d, scale),
                       **({"t": d["_t"]} if "_t" in d else {})}
                      for d in sorted(dets, key=lambda d: -d["score"])]
-    if img["id"] in maps_of and dets:  # the maps of the best queries, opened on demand in the page
-        rec = load_heatmaps(maps_of[img["id"]])
-        query = {q: k for k, q in enumerate(rec.queries)}
-        best: list[int] = []
-        for d in sorted(dets, key=lambda d: -d["score"]):
-            if d["category_id"] not in best:
-                best.append(d["category_id"])
-        entry["maps"] = []
-        for cat_id in best[:MAPS_PER_IMAGE]:
-            k = query.get(names[cat_id])
-            if k is None:
-                continue
-            _save_jpeg(out / "maps" / f"{img['id']}_{k}.jpg", _map_image(rec.maps.query(k), (entry["th"], entry["tw"])))
-            entry["maps"].append({"c": index[cat_id], "src": f"maps/{img['id']}_{k}.jpg"})
+    if maps is not None:
+        entry["maps"] = maps
     return entry
 
 
