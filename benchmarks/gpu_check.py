@@ -148,7 +148,13 @@ def check_onnx(args, folder: Path) -> dict:
     name = str(TINY_CONFIG) if args.tiny else "ViT-B-16"
     export_onnx(name, "none", folder / "onnx", size=size, text_encoder=False)
     model = _model("tiny" if args.tiny else "ViT-B-16", size, args.device)
-    sess = session(folder / "onnx" / "explainer-legrad.onnx", args.device)
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    cuda = "CUDAExecutionProvider" in available
+    # Without onnxruntime-gpu (or with one built for another CUDA major) the CUDA provider is missing: the parity
+    # of onnxruntime's CPU provider with PyTorch on this device is still checked, and the report says which ran.
+    sess = session(folder / "onnx" / "explainer-legrad.onnx", args.device if cuda else "cpu")
     x = torch.randn(1, 3, size, size)
     k = 4 if args.tiny else 20
     text = F.normalize(torch.randn(k, model.text_projection.shape[1]), dim=-1)
@@ -156,7 +162,8 @@ def check_onnx(args, folder: Path) -> dict:
     got = sess.run(None, {"images": x.numpy(), "text": text.numpy()})[0]
     t_torch = _timed(lambda: compute_maps(model, x.to(args.device), text.to(args.device)), args.device, args.repeats)
     t_onnx = _timed(lambda: sess.run(None, {"images": x.numpy(), "text": text.numpy()}), "cpu", args.repeats)
-    return {"providers": sess.get_providers(), "maps_max_abs": float(np.abs(got - ref).max()),
+    return {"providers": sess.get_providers(), "cuda_provider": cuda, "available_providers": available,
+            "maps_max_abs": float(np.abs(got - ref).max()),
             "torch_s": t_torch, "onnxruntime_s": t_onnx, "ratio": t_onnx / t_torch, "K": k}
 
 
