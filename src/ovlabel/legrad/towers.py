@@ -344,9 +344,12 @@ def _open_clip_block(blk: nn.Module, i: int) -> Block:
     if name == "ResidualAttentionBlock" and isinstance(attn, nn.MultiheadAttention):
         if hasattr(blk, "ln_1_kv"):
             raise _unsupported(f"{where} is a cross-attention block")
-        q, k, v = _mha_projections(attn)
-        qkv = Linear(torch.cat([q.weight, k.weight, v.weight]),
-                     None if q.bias is None else torch.cat([q.bias, k.bias, v.bias]))
+        if attn.in_proj_weight is not None:  # a view of the model's [q; k; v] weight: no copy per read
+            qkv = Linear(_d(attn.in_proj_weight), _d(attn.in_proj_bias))
+        else:  # separate q/k/v weights (kdim/vdim set): one fused copy
+            q, k, v = _mha_projections(attn)
+            qkv = Linear(torch.cat([q.weight, k.weight, v.weight]),
+                         None if q.bias is None else torch.cat([q.bias, k.bias, v.bias]))
         heads = attn.num_heads
         out = _linear(attn.out_proj, f"{where} out_proj")
         mid_norm = None
