@@ -99,8 +99,9 @@ def main(argv=None) -> None:
     p.add_argument("--published-max-k", type=int, default=20, help="largest K for the (slow) published method")
     p.add_argument("--published-batch", type=int, default=None,
                    help="repeated images per published forward (default: all K at once, as the wrapper does)")
-    p.add_argument("--published-all", action="store_true",
-                   help="also run the published method on all blocks (memory: K·L attention maps with a graph)")
+    p.add_argument("--published-all-max-k", type=int, default=5,
+                   help="largest K for the published method on all blocks (it keeps K·L attention maps with a "
+                        "graph: K = 20 at 448 px needs more than 24 GB)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", help="also write the rows as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -115,7 +116,7 @@ def main(argv=None) -> None:
         specs += [dict(base, what="ovlabel", k=k, layers="last2"), dict(base, what="ovlabel", k=k, layers="all")]
         if k <= args.published_max_k:
             specs.append(dict(base, what="published", k=k, layers="last2"))
-            if args.published_all:
+            if k <= args.published_all_max_k:
                 specs.append(dict(base, what="published", k=k, layers="all"))
     rows = []
     print(f"{args.model} random init, {args.size}x{args.size}, CPU; ratios are to encode_image timed "
@@ -123,7 +124,12 @@ def main(argv=None) -> None:
     print(f"{'method':<11}{'layers':<8}{'K':>4}{'seconds':>10}{'x forward':>11}{'published ÷ ours':>18}"
           f"{'peak RSS MB':>13}", flush=True)
     for spec in specs:
-        row = run_isolated(__file__, spec)
+        try:
+            row = run_isolated(__file__, spec)
+        except RuntimeError as e:  # a worker killed (out of memory, say): the other rows still print
+            print(f"{spec['what']:<11}{spec['layers']:<8}{spec['k']:>4}  failed: {str(e).splitlines()[-1][:90]}",
+                  flush=True)
+            continue
         rows.append(row)
         speedup = f"{row['speedup']:.2f}" if "speedup" in row else "-"
         print(f"{row['what']:<11}{row['layers']:<8}{row['k']:>4}{row['seconds']:>10.3f}{row['ratio']:>11.2f}"

@@ -28,6 +28,7 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     assert len(rows) == 2 and all(v["ratio_to_forward"] > 0 for row in rows for k, v in row.items()
                                   if k.startswith("K="))
     assert steps["onnx"]["maps_max_abs"] <= 1e-4 and steps["onnx"]["providers"] == ["CPUExecutionProvider"]
+    assert steps["onnx"]["cuda_provider"] is False  # the report says the CUDA provider did not run
     assert steps["ray"]["same_files_as_local"]
     assert "## ray: ok" in (tmp_path / "gpu_check.md").read_text()
     # without CUDA, the real check says how to dry-run instead of failing later
