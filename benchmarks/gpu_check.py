@@ -162,7 +162,15 @@ def check_onnx(args, folder: Path) -> dict:
     got = sess.run(None, {"images": x.numpy(), "text": text.numpy()})[0]
     t_torch = _timed(lambda: compute_maps(model, x.to(args.device), text.to(args.device)), args.device, args.repeats)
     t_onnx = _timed(lambda: sess.run(None, {"images": x.numpy(), "text": text.numpy()}), "cpu", args.repeats)
-    return {"providers": sess.get_providers(), "cuda_provider": cuda, "available_providers": available,
+    extra = {}
+    if cuda:  # onnxruntime's own default (TF32 products) beside ovlabel's full float32, for the record
+        tf32 = ort.InferenceSession(str(folder / "onnx" / "explainer-legrad.onnx"),
+                                    providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        got32 = tf32.run(None, {"images": x.numpy(), "text": text.numpy()})[0]
+        extra = {"tf32_maps_max_abs": float(np.abs(got32 - ref).max()),
+                 "tf32_onnxruntime_s": _timed(lambda: tf32.run(None, {"images": x.numpy(), "text": text.numpy()}),
+                                              "cpu", args.repeats)}
+    return {**extra, "providers": sess.get_providers(), "cuda_provider": cuda, "available_providers": available,
             "maps_max_abs": float(np.abs(got - ref).max()),
             "torch_s": t_torch, "onnxruntime_s": t_onnx, "ratio": t_onnx / t_torch, "K": k}
 

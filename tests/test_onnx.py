@@ -228,3 +228,24 @@ def test_export_onnx_names_its_stages_and_quiet_silences_them(tmp_path, capsys):
         assert f"ovlabel export-onnx: {stage}" in err
     assert main([*args, "--out", str(tmp_path / "b"), "--quiet"]) == 0
     assert capsys.readouterr() == ("", "")
+
+
+def test_cuda_sessions_multiply_in_full_float32(monkeypatch, tmp_path):
+    """onnxruntime's CUDA provider defaults to TF32 products (maps 6.7e-4 away from PyTorch's on an H200);
+    ovlabel asks it for full float32, as PyTorch computes. Without a GPU: the options the session gets."""
+    from ovlabel.pipeline import onnx_backend
+
+    seen = {}
+
+    class Session:
+        def __init__(self, path, opts, providers):
+            seen["providers"] = providers
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    graph = tmp_path / "g.onnx"
+    graph.write_bytes(b"graph")
+    onnx_backend.session(graph, "cuda")
+    assert seen["providers"] == [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    onnx_backend.session(graph, "cpu")
+    assert seen["providers"] == ["CPUExecutionProvider"]

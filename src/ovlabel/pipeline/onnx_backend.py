@@ -28,6 +28,9 @@ from ..postprocess.scoring import scaled_logits
 from .queries import warn_long_prompts
 
 _SESSIONS: dict[tuple, Any] = {}
+# onnxruntime's CUDA provider runs float32 matrix products in TF32 unless told otherwise; PyTorch does not
+# (torch.backends.cuda.matmul.allow_tf32 is off by default), so the maps would differ by ~1e-3 — full float32.
+CUDA_OPTIONS = {"use_tf32": "0"}
 
 
 def providers(device: str) -> list[str]:
@@ -53,7 +56,8 @@ def session(path: str | Path, device: str = "auto"):
         opts.intra_op_num_threads = torch.get_num_threads()
         opts.inter_op_num_threads = 1
         try:
-            _SESSIONS[key] = ort.InferenceSession(str(path), opts, providers=providers(device))
+            chosen = [(n, CUDA_OPTIONS) if n == "CUDAExecutionProvider" else n for n in providers(device)]
+            _SESSIONS[key] = ort.InferenceSession(str(path), opts, providers=chosen)
         except InputError:
             raise
         except Exception as e:  # onnxruntime's own error types (InvalidGraph, InvalidProtobuf, Fail…)
