@@ -9,10 +9,11 @@ Steps (each one recorded with its figures, or with the error that stopped it; th
 2. ``precision``: fp16 and bf16 maps against fp32 on ViT-B-16 and ViT-L-14 (random init, 224 px, K = 5):
    max and mean |Δ| of the maps in [0, 1];
 3. ``throughput``: ``compute_maps`` (LeGrad, last two blocks) on ViT-B-16 at batch 1 and 16 and K = 1, 20, 80,
-   each as a ratio to the plain forward pass (``encode_image``) of the same batch (goal: K = 80 < 2×), with
-   the peak GPU memory;
-4. ``onnx``: the default export (dynamic size) run by onnxruntime's CUDA provider: parity of the maps with
-   PyTorch and time against PyTorch at K = 20;
+   each as a ratio to the plain forward pass (``encode_image``) of the same batch, with the peak GPU memory
+   (the issue's goal, K = 80 < 2×, is below the exact closed form's floor of ~6.6× at batch 16: README);
+4. ``onnx``: the default export (dynamic size) run by onnxruntime's CUDA provider as ovlabel creates it (full
+   float32) and with onnxruntime's TF32 default: parity of the maps with PyTorch and time against PyTorch at
+   K = 20 (without onnxruntime-gpu: the CPU provider, and the report says so);
 5. ``ray``: ``ovlabel label --engine ray --gpus-per-actor 1`` on generated scenes, its files against the local
    engine's.
 
@@ -137,6 +138,7 @@ def check_throughput(args) -> dict:
 
 def check_onnx(args, folder: Path) -> dict:
     import numpy as np
+    import onnxruntime as ort
     import torch
     import torch.nn.functional as F
 
@@ -147,29 +149,26 @@ def check_onnx(args, folder: Path) -> dict:
     size = 32 if args.tiny else 224
     name = str(TINY_CONFIG) if args.tiny else "ViT-B-16"
     export_onnx(name, "none", folder / "onnx", size=size, text_encoder=False)
+    graph = folder / "onnx" / "explainer-legrad.onnx"
     model = _model("tiny" if args.tiny else "ViT-B-16", size, args.device)
-    import onnxruntime as ort
-
     available = ort.get_available_providers()
     cuda = "CUDAExecutionProvider" in available
     # Without onnxruntime-gpu (or with one built for another CUDA major) the CUDA provider is missing: the parity
     # of onnxruntime's CPU provider with PyTorch on this device is still checked, and the report says which ran.
-    sess = session(folder / "onnx" / "explainer-legrad.onnx", args.device if cuda else "cpu")
+    sess = session(graph, args.device if cuda else "cpu")
     x = torch.randn(1, 3, size, size)
     k = 4 if args.tiny else 20
     text = F.normalize(torch.randn(k, model.text_projection.shape[1]), dim=-1)
+    feed = {"images": x.numpy(), "text": text.numpy()}
     ref = compute_maps(model, x.to(args.device), text.to(args.device)).cpu().numpy()
-    got = sess.run(None, {"images": x.numpy(), "text": text.numpy()})[0]
+    got = sess.run(None, feed)[0]
     t_torch = _timed(lambda: compute_maps(model, x.to(args.device), text.to(args.device)), args.device, args.repeats)
-    t_onnx = _timed(lambda: sess.run(None, {"images": x.numpy(), "text": text.numpy()}), "cpu", args.repeats)
+    t_onnx = _timed(lambda: sess.run(None, feed), "cpu", args.repeats)
     extra = {}
     if cuda:  # onnxruntime's own default (TF32 products) beside ovlabel's full float32, for the record
-        tf32 = ort.InferenceSession(str(folder / "onnx" / "explainer-legrad.onnx"),
-                                    providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-        got32 = tf32.run(None, {"images": x.numpy(), "text": text.numpy()})[0]
-        extra = {"tf32_maps_max_abs": float(np.abs(got32 - ref).max()),
-                 "tf32_onnxruntime_s": _timed(lambda: tf32.run(None, {"images": x.numpy(), "text": text.numpy()}),
-                                              "cpu", args.repeats)}
+        tf32 = ort.InferenceSession(str(graph), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        extra = {"tf32_maps_max_abs": float(np.abs(tf32.run(None, feed)[0] - ref).max()),
+                 "tf32_onnxruntime_s": _timed(lambda: tf32.run(None, feed), "cpu", args.repeats)}
     return {**extra, "providers": sess.get_providers(), "cuda_provider": cuda, "available_providers": available,
             "maps_max_abs": float(np.abs(got - ref).max()),
             "torch_s": t_torch, "onnxruntime_s": t_onnx, "ratio": t_onnx / t_torch, "K": k}
