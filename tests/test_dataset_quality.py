@@ -128,3 +128,69 @@ def test_the_dataset_benchmark_runs_end_to_end(tmp_path):
     data = json.loads((tmp_path / "test-run" / "dataset.json").read_text())
     assert held == dataset_quality(load_coco(tmp_path / "test" / "annotations.json"), data["annotations"]).as_dict()
     assert held["annotations"] == len(data["annotations"]) and held["instances"] > 0
+
+
+def _distill():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import distill
+
+    return distill
+
+
+def test_distill_splits_the_students_gap_by_hand_count():
+    """benchmarks/distill.py's gap: missed objects, false positives and boundaries (matches at IoU 0.5 that
+    fail at 0.75) among detections scoring ≥ 0.25, counted by hand on one image."""
+    box = lambda y0, y1, x0, x1: np.pad(np.ones((y1 - y0, x1 - x0), bool), ((y0, 40 - y1), (x0, 40 - x1)))  # noqa: E731
+    a, b, c = box(0, 10, 0, 10), box(20, 30, 0, 10), box(0, 10, 20, 30)
+    truth = [{"id": i + 1, "image_id": 1, "category_id": cat, "segmentation": _rle(m), "area": int(m.sum()),
+              "bbox": [0.0, 0.0, 1.0, 1.0], "iscrowd": 0} for i, (m, cat) in enumerate([(a, 1), (b, 1), (c, 2)])]
+    gt = coco_from_dict({"images": [{"id": 1, "file_name": "1.png", "height": 40, "width": 40}],
+                         "annotations": truth, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}, "t")
+    shifted = box(23, 33, 0, 10)  # IoU with b: 70 / 130 = 0.54
+    results = [{"image_id": 1, "category_id": 1, "segmentation": _rle(a), "score": 0.9},        # exact
+               {"image_id": 1, "category_id": 1, "segmentation": _rle(shifted), "score": 0.5},  # boundary
+               {"image_id": 1, "category_id": 2, "segmentation": _rle(c), "score": 0.1},        # below 0.25
+               {"image_id": 1, "category_id": 2, "segmentation": _rle(box(30, 40, 30, 40)), "score": 0.8}]  # FP
+    g = _distill().gap(gt, results)
+    assert (g["missed"], g["false_positives"], g["boundary"]) == (1, 1, 1)
+    assert g["recall@0.5"] == 2 / 3 and g["precision@0.5"] == 2 / 3
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """What a YOLO polygon can hold of a mask: its largest 8-connected part, holes filled."""
+    from scipy import ndimage
+
+    parts, n = ndimage.label(mask, structure=np.ones((3, 3)))
+    largest = parts == 1 + int(np.argmax(ndimage.sum(mask, parts, range(1, n + 1))))
+    return ndimage.binary_fill_holes(largest)
+
+
+def test_distill_trains_the_ground_truth_student_on_the_exact_masks(tmp_path):
+    """The ground-truth student's dataset is the exact ground truth in ovlabel's YOLO layout: one label line
+    per object, its class the object's, its outline the object's mask (its largest part, holes filled: YOLO
+    has no holes)."""
+    from ovlabel.datasets.shapes import write_coco
+
+    gt_path = write_coco(tmp_path / "train", 8, 5)
+    data_yaml = _distill().ground_truth_dataset(tmp_path, gt_path)
+    root = data_yaml.parent
+    gt = json.loads(gt_path.read_text())
+    index_to_id = {int(k): v["category_id"] for k, v in json.loads((root / "categories.json").read_text()).items()}
+    split = json.loads((root / "images.json").read_text())
+    seen = 0
+    for img in gt["images"]:
+        entry = split[str(img["id"])]
+        lines = (root / "labels" / entry["split"] / (Path(entry["image"]).stem + ".txt")).read_text().split("\n")
+        lines = [ln for ln in lines if ln.strip()]
+        objects = [a for a in gt["annotations"] if a["image_id"] == img["id"]]
+        assert sorted(index_to_id[int(ln.split()[0])] for ln in lines) == sorted(a["category_id"] for a in objects)
+        h, w = img["height"], img["width"]
+        for ln in lines:
+            xy = np.array(ln.split()[1:], float).reshape(-1, 2) * [w, h]
+            drawn = mask_utils.frPyObjects([xy.reshape(-1).tolist()], h, w)  # COCO's frame, as the exporter's
+            ious = [float(mask_utils.iou(drawn, [
+                _rle(_outline(mask_utils.decode(a["segmentation"])))], [0])[0, 0]) for a in objects
+                if a["category_id"] == index_to_id[int(ln.split()[0])]]
+            assert max(ious) == 1.0  # the exact outline
+            seen += 1
+    assert seen == len(gt["annotations"]) > 0
