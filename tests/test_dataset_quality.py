@@ -194,3 +194,55 @@ def test_distill_trains_the_ground_truth_student_on_the_exact_masks(tmp_path):
             assert max(ious) == 1.0  # the exact outline
             seen += 1
     assert seen == len(gt["annotations"]) > 0
+
+
+def test_distill_attribution_gives_ovlabels_masks_their_true_classes(tmp_path):
+    """--attribute's dataset: each of ovlabel's masks that matches an object (IoU ≥ 0.5, greedy by score, any
+    class) takes the object's class; a duplicate of a taken object and a false positive keep theirs. The
+    images are matched by file name (ovlabel's run numbers them its own way)."""
+    from PIL import Image
+
+    box = lambda y0, y1, x0, x1: np.pad(np.ones((y1 - y0, x1 - x0), bool), ((y0, 40 - y1), (x0, 40 - x1)))  # noqa: E731
+    a, b = box(0, 10, 0, 10), box(20, 30, 0, 10)
+    cats = [{"id": i, "name": n} for i, n in [(1, "a"), (2, "b"), (3, "c")]]
+    (tmp_path / "train" / "images").mkdir(parents=True)
+    Image.new("RGB", (40, 40)).save(tmp_path / "train" / "images" / "s.png")
+    image = {"file_name": "s.png", "height": 40, "width": 40}
+    truth = [{"id": i + 1, "image_id": 1, "category_id": cat, "segmentation": _rle(m), "area": int(m.sum()),
+              "bbox": [0.0, 0.0, 10.0, 10.0], "iscrowd": 0} for i, (m, cat) in enumerate([(a, 1), (b, 2)])]
+    gt_path = tmp_path / "train" / "annotations.json"
+    gt_path.write_text(json.dumps({"images": [{"id": 1, **image}], "annotations": truth, "categories": cats}))
+    near_a = box(1, 11, 0, 10)  # IoU with a: 90 / 110
+    ours = [(a, 2, 0.9),                       # the right mask, the wrong class → a's class, 1
+            (b, 2, 0.8),                       # right already
+            (near_a, 3, 0.5),                  # a duplicate of a, already taken → keeps 3
+            (box(30, 40, 30, 40), 1, 0.7)]     # a false positive → keeps 1
+    dataset = {"images": [{"id": 7, **image}], "categories": cats,
+               "annotations": [{"id": i + 1, "image_id": 7, "category_id": c, "segmentation": _rle(m),
+                                "area": int(m.sum()), "bbox": [float(v) for v in mask_utils.toBbox(_rle(m))],
+                                "iscrowd": 0, "score": s} for i, (m, c, s) in enumerate(ours)]}
+    (tmp_path / "teacher-train").mkdir()
+    (tmp_path / "teacher-train" / "dataset.json").write_text(json.dumps(dataset))
+    data_yaml = _distill().true_classes(tmp_path, gt_path)
+    fixed = json.loads((data_yaml.parent.parent / "dataset.json").read_text())
+    assert [x["category_id"] for x in fixed["annotations"]] == [1, 2, 3, 1]
+    index_to_id = {int(k): v["category_id"] for k, v in json.loads(
+        (data_yaml.parent / "categories.json").read_text()).items()}
+    labels = list((data_yaml.parent / "labels").rglob("*.txt"))
+    lines = [ln for ln in labels[0].read_text().split("\n") if ln.strip()]
+    assert len(labels) == 1 and sorted(index_to_id[int(ln.split()[0])] for ln in lines) == [1, 1, 2, 3]
+
+
+def test_distill_does_not_resume_a_run_of_other_settings(tmp_path):
+    """A kept --out resumes only the run it holds: other settings stop the script before anything is
+    installed, labelled or trained, and the folder's settings are left as they were."""
+    out = tmp_path / "run"
+    distill = _distill()
+    out.mkdir()
+    kept = {"train": 1000, "test": 200, "seed": 5150, "epochs": 100, "imgsz": 96, "batch": 32}
+    (out / "settings.json").write_text(json.dumps(kept))
+    with pytest.raises(SystemExit, match="other settings"):
+        distill.main(["--out", str(out), "--epochs", "5", "--venv", str(tmp_path / "venv")])
+    assert json.loads((out / "settings.json").read_text()) == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and sorted(p.name for p in out.iterdir()) == [
+        "settings.json"]
